@@ -29,6 +29,13 @@ def cmd_zoo_list(args: argparse.Namespace) -> None:
     rows = []
     for name in ZOO:
         ref = get_reference(name)
+        if ref is None:  # detection-only baseline: backbone figures, nothing published to compare with
+            arch = get_arch(name)
+            cost = arch_cost(arch)
+            rows.append({"name": name, "params": cost.params, "macs": cost.macs, "resolution": arch.resolution,
+                         "ref_params": None, "ref_macs": None, "params_diff_pct": None, "macs_diff_pct": None,
+                         "ref_params_source": None, "ref_macs_source": None})
+            continue
         cost = arch_cost(get_arch(name), ref.resolution, classifier=True)
         rows.append({"name": name, "params": cost.params, "macs": cost.macs, "resolution": ref.resolution,
                      "ref_params": ref.params, "ref_macs": int(ref.macs),
@@ -40,6 +47,10 @@ def cmd_zoo_list(args: argparse.Namespace) -> None:
         return
     print(f"{'name':28s} {'res':>4s} {'params':>12s} {'ref params':>12s} {'diff':>7s} {'MACs':>9s} {'ref MACs':>9s} {'diff':>7s}")
     for r in rows:
+        if r["ref_params"] is None:
+            print(f"{r['name']:28s} {r['resolution']:4d} {r['params']:12,d} {'-':>12s} {'':7s} {r['macs'] / 1e6:8.1f}M "
+                  f"{'-':>9s}  (backbone only)")
+            continue
         print(f"{r['name']:28s} {r['resolution']:4d} {r['params']:12,d} {r['ref_params']:12,d} {r['params_diff_pct']:+6.2f}% "
               f"{r['macs'] / 1e6:8.1f}M {r['ref_macs'] / 1e6:8.1f}M {r['macs_diff_pct']:+6.2f}%")
     print("params: 1000-class classifier head; MACs at the published resolution. Sources: docs/ZOO.md")
@@ -122,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", type=Path, help="search space YAML (e.g. search_spaces/uib_yolo.yaml)")
     s.add_argument("--json", action="store_true", help="print a JSON object with log10_size and num_ops")
     s.set_defaults(func=cmd_space_info)
+
+    from nas.latency import commands as lut_commands
+
+    lut_commands.register(sub)
     return p
 
 

@@ -21,6 +21,9 @@ def test_zoo_list_json():
     assert [x["name"] for x in rows] == list(ZOO)
     for x in rows:
         assert {"name", "params", "macs"} <= set(x)
+        if x["ref_params"] is None:
+            assert x["name"] == "yolov8n_csp"
+            continue
         assert abs(x["params_diff_pct"]) < 0.5 and abs(x["macs_diff_pct"]) < 5
 
 

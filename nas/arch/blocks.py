@@ -140,6 +140,44 @@ class MobileMQA(nn.Module):
         return x + y if self.residual else y
 
 
+class C2f(nn.Module):
+    """YOLOv8 CSP block: 1x1 conv splits into two halves, `repeats` 3x3-3x3 bottlenecks chain on the second,
+    every intermediate output is concatenated and fused by a 1x1 conv."""
+
+    def __init__(self, cin: int, cout: int, repeats: int, shortcut: bool, act: str):
+        super().__init__()
+        self.hidden = cout // 2
+        self.split = ConvBN(cin, 2 * self.hidden, 1, act=act)
+        self.bottlenecks = nn.ModuleList(
+            nn.Sequential(ConvBN(self.hidden, self.hidden, 3, act=act), ConvBN(self.hidden, self.hidden, 3, act=act))
+            for _ in range(repeats))
+        self.shortcut = shortcut
+        self.fuse = ConvBN((2 + repeats) * self.hidden, cout, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = list(self.split(x).chunk(2, 1))
+        for m in self.bottlenecks:
+            y = m(ys[-1])
+            ys.append(ys[-1] + y if self.shortcut else y)
+        return self.fuse(torch.cat(ys, 1))
+
+
+class SPPF(nn.Module):
+    """YOLOv8 fast spatial pyramid pooling: three chained max-pools of one kernel, concatenated."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, act: str):
+        super().__init__()
+        self.reduce = ConvBN(cin, cin // 2, 1, act=act)
+        self.pool = nn.MaxPool2d(kernel, 1, kernel // 2)
+        self.fuse = ConvBN(cin // 2 * 4, cout, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = [self.reduce(x)]
+        for _ in range(3):
+            ys.append(self.pool(ys[-1]))
+        return self.fuse(torch.cat(ys, 1))
+
+
 def build_block(spec: BlockSpec, cin: int) -> nn.Module:
     """The nn.Module for one BlockSpec given its input width; an explicit map, no name lookups."""
     op = spec.op
@@ -157,4 +195,8 @@ def build_block(spec: BlockSpec, cin: int) -> nn.Module:
     if op == "mqa":
         return MobileMQA(cin, spec.out, spec.heads, spec.key_dim, spec.value_dim, spec.kv_stride, spec.kernel,
                          spec.layer_scale)
+    if op == "c2f":
+        return C2f(cin, spec.out, spec.repeats, spec.shortcut, spec.act)
+    if op == "sppf":
+        return SPPF(cin, spec.out, spec.kernel, spec.act)
     raise ValueError(f"unknown op {op!r}")

@@ -30,6 +30,8 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "ffn": ("expand", "out", "stride", "se", "act", "layer_scale"),
     "fused_ib": ("kernel", "expand", "out", "stride", "se", "act"),
     "mqa": ("heads", "key_dim", "value_dim", "kv_stride", "kernel", "out", "stride", "layer_scale"),
+    "c2f": ("repeats", "shortcut", "out", "stride", "act"),   # YOLOv8 CSP block (hidden width out/2)
+    "sppf": ("kernel", "out", "stride", "act"),               # YOLOv8 spatial pyramid pooling, fast
 }
 OPS = tuple(OP_FIELDS)
 UIB_OPS = ("ib", "convnext", "extra_dw", "ffn")
@@ -64,6 +66,8 @@ class BlockSpec:
     key_dim: int | None = None
     value_dim: int | None = None
     kv_stride: int | None = None
+    repeats: int | None = None           # c2f: number of bottlenecks
+    shortcut: bool | None = None         # c2f: residual bottlenecks
 
     @property
     def start_kernel(self) -> int:
@@ -95,7 +99,7 @@ class BlockSpec:
 
     def residual(self, cin: int) -> bool:
         """Identity shortcut iff stride 1 and in == out (never for plain conv / MobileNetV1 dsconv)."""
-        return self.op not in ("conv", "dsconv") and self.stride == 1 and cin == self.out
+        return self.op not in ("conv", "dsconv", "c2f", "sppf") and self.stride == 1 and cin == self.out
 
 
 @dataclass(frozen=True)
@@ -228,12 +232,17 @@ def parse_block(d: Any, source: str, where: str, *, stem: bool = False) -> Block
                          check=lambda v: None if v is None or v > 0 else "must be positive or null", **opt)
         elif f in ("heads", "key_dim", "value_dim"):
             kw[f] = read(d, f, int, source, where, check=_check_channels)
+        elif f == "repeats":
+            kw[f] = read(d, f, int, source, where, check=lambda v: None if 1 <= v <= 64 else "must be between 1 and 64")
+        elif f == "shortcut":
+            kw[f] = read(d, f, bool, source, where)
     block = BlockSpec(**kw)
     if op == "ffn" and block.stride != 1:
         raise ConfigError(source, join(where, "stride"),
                           "an ffn block has no depthwise conv to carry a stride: use stride 1, or ib/convnext/extra_dw to downsample")
-    if op == "mqa" and block.stride != 1:
-        raise ConfigError(source, join(where, "stride"), "mqa blocks keep the resolution: use stride 1")
+    if op in ("mqa", "c2f", "sppf") and block.stride != 1:
+        raise ConfigError(source, join(where, "stride"),
+                          f"{op} blocks keep the resolution: use stride 1 (downsample with a conv block before it)")
     return block
 
 

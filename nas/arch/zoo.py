@@ -151,6 +151,17 @@ def mobilenet_v4_hybrid_medium() -> ArchSpec:
     ], V4_HEAD, resolution=256)
 
 
+def yolov8n_csp() -> ArchSpec:
+    """The YOLOv8-n backbone (width 0.25, depth 0.33): the "stock YOLO" baseline. No ImageNet head."""
+    c = lambda out: conv(3, out, 2, "silu")  # noqa: E731
+    c2f = lambda out, n: BlockSpec("c2f", out=out, repeats=n, shortcut=True, act="silu")  # noqa: E731
+    st = [[c(32), c2f(32, 1)], [c(64), c2f(64, 2)], [c(128), c2f(128, 2)],
+          [c(256), c2f(256, 1), BlockSpec("sppf", out=256, kernel=5, act="silu")]]
+    stages = tuple(StageSpec(f"s{i + 1}", tuple(b)) for i, b in enumerate(st))
+    return ArchSpec(name="yolov8n_csp", stem=conv(3, 16, 2, "silu"), stages=stages, features=("s2", "s3", "s4"),
+                    resolution=640)
+
+
 @dataclass(frozen=True)
 class Reference:
     """Published figures a zoo model must match (params with the 1000-class head, MACs at `resolution`)."""
@@ -162,7 +173,7 @@ class Reference:
     resolution: int
 
 
-ZOO: dict[str, tuple[Callable[[], ArchSpec], Reference]] = {
+ZOO: dict[str, tuple[Callable[[], ArchSpec], Reference | None]] = {
     "mobilenet_v1_100": (mobilenet_v1_100, Reference(
         4_230_000, "timm mobilenetv1_100 param_count 4.23M", 569e6, "MobileNetV1 paper Table 6 (569M)", 224)),
     "mobilenet_v2_100": (mobilenet_v2_100, Reference(
@@ -183,6 +194,8 @@ ZOO: dict[str, tuple[Callable[[], ArchSpec], Reference]] = {
     "mobilenet_v4_hybrid_medium": (mobilenet_v4_hybrid_medium, Reference(
         11_070_000, "timm mobilenetv4_hybrid_medium param_count 11.07M", 1.29e9,
         "timm benchmark infer_gmacs 1.29 @256 (paper Table 6: '1.2G')", 256)),
+    # Detection baseline without an ImageNet head; the whole YOLOv8-n detector is checked in tests/test_model.py.
+    "yolov8n_csp": (yolov8n_csp, None),
 }
 
 
@@ -197,5 +210,5 @@ def get_arch(name: str) -> ArchSpec:
     return ZOO[name][0]()
 
 
-def get_reference(name: str) -> Reference:
+def get_reference(name: str) -> Reference | None:
     return ZOO[name][1]

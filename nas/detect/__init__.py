@@ -1,0 +1,1 @@
+"""Object detection: YOLO-format data, detector model, loss, training and evaluation."""

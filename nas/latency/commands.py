@@ -1,0 +1,215 @@
+"""`nas lut build | extend | show | validate | template | import`: thin handlers over nas.latency."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from nas.errors import ConfigError
+
+
+def _protocol(args: argparse.Namespace):
+    from nas.latency.profile import Protocol
+
+    return Protocol(backend=args.backend, threads=args.threads, batch=args.batch, repeats=args.repeats,
+                    min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu)
+
+
+def _ops_from(args: argparse.Namespace) -> list:
+    """Ops of --space and/or --arch files."""
+    from nas.cli import _arch_source
+    from nas.latency.table import arch_ops
+    from nas.space import load_space
+
+    ops = []
+    for s in args.space or []:
+        ops.extend(load_space(s).ops())
+    for a in args.arch or []:
+        ops.extend((b, sh) for _, b, sh in arch_ops(_arch_source(a)))
+    if not ops:
+        raise ConfigError("command line", "--space/--arch", "name at least one search space or arch to cover")
+    return ops
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from nas.latency.table import LatencyTable
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(str(out), None, "exists; use `nas lut extend` to add ops, or --force to start over")
+    protocol = _protocol(args)
+    ops = _ops_from(args)
+    table = LatencyTable.new(protocol, name=args.name or out.stem,
+                             space=", ".join(str(s) for s in args.space or []) or None)
+    from nas.latency.table import op_key
+
+    print(f"measuring {len({op_key(b, s) for b, s in ops})} ops ({protocol.describe()}) into {out}", file=sys.stderr)
+    n = table.extend(ops, path=out, progress=not args.quiet)
+    print(f"{out}: {n} ops measured, {len(table.entries)} in the table")
+
+
+def cmd_extend(args: argparse.Namespace) -> None:
+    from nas.latency.table import LatencyTable
+
+    table = LatencyTable.load(args.table)
+    table.check_compatible(table.protocol)
+    n = table.extend(_ops_from(args), path=args.table, progress=not args.quiet)
+    print(f"{args.table}: {n} ops added, {len(table.entries)} in the table")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from nas.cli import _arch_source
+    from nas.latency.table import LatencyTable
+
+    table = LatencyTable.load(args.table)
+    if args.arch:
+        arch = _arch_source(args.arch)
+        if args.resolution:
+            arch = arch.with_resolution(args.resolution)
+        pred = table.predict(arch)
+        if args.json:
+            print(json.dumps({"arch": arch.name, "predicted_ms": pred.total_ms,
+                              "blocks": [{"block": b, "op": k, "us": us} for b, k, us in pred.blocks]}, indent=2))
+            return
+        print(f"{arch.name} at {arch.resolution}px on {table.name}: {pred.total_ms:.3f} ms predicted")
+        for b, k, us in pred.blocks:
+            print(f"  {b:7s} {us / 1e3:8.3f} ms  {k}")
+        return
+    if args.json:
+        print(json.dumps({"header": table.header, "entries": len(table.entries)}, indent=2, default=str))
+        return
+    sys.stdout.write(yaml.safe_dump(table.header, sort_keys=False))
+    vals = sorted(e.median_us for e in table.entries.values())
+    if vals:
+        print(f"entries: {len(vals)} ops, median {vals[len(vals) // 2]:.1f} us, min {vals[0]:.1f} us, max {vals[-1]:.1f} us")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from nas.latency.table import LatencyTable
+    from nas.latency.validate import validate, write_report
+    from nas.space import load_space
+
+    table = LatencyTable.load(args.table)
+    space = load_space(args.space)
+    archs = [space.random(args.seed * 100_003 + i, name=f"sample-{i}") for i in range(args.num)]
+    if args.extend:
+        from nas.latency.table import arch_ops
+
+        table.extend([(b, s) for a in archs for _, b, s in arch_ops(a)], path=args.table, progress=not args.quiet)
+    report = validate(table, archs, progress=not args.quiet)
+    paths = write_report(report, args.out)
+    s = report.summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return
+    print(f"{report.n} architectures from {args.space}, {report.protocol}")
+    print(f"{'predictor':22s} {'MAPE':>7s} {'±5%':>6s} {'±10%':>6s} {'tau':>6s} {'rho':>6s} {'bias':>7s}")
+    for name, acc in (("lookup table (sum)", report.lut), ("linear MACs+params", report.flops),
+                      ("table, calibrated*", report.calibrated)):
+        if acc is not None:
+            print(f"{name:22s} {acc.mape:6.1f}% {acc.within_5:6.2f} {acc.within_10:6.2f} {acc.kendall_tau:6.2f} "
+                  f"{acc.spearman_rho:6.2f} {acc.bias:+6.1f}%")
+    if report.calibration:
+        c = report.calibration
+        print(f"* measured = {c.scale:.3f} x predicted + {c.offset_us / 1e3:.3f} ms, fitted on the first {c.fitted_on} "
+              f"architectures, scored on the other {report.n - c.fitted_on}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_template(args: argparse.Namespace) -> None:
+    """The op list a device must measure, for tables built where this machine can't reach."""
+    from nas.latency.table import op_key
+
+    keys = sorted({op_key(b, s) for b, s in _ops_from(args)})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["op", "median_us"])
+        for k in keys:
+            w.writerow([k, ""])
+    print(f"{out}: {len(keys)} ops to measure; fill median_us (optionally p10_us, p90_us, n) and run `nas lut import`")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from nas.config import load_yaml, require_mapping
+    from nas.latency.table import FORMAT, import_csv
+
+    header = dict(require_mapping(load_yaml(args.header), str(args.header), None))
+    header.setdefault("format", FORMAT)
+    header.setdefault("name", Path(args.out).stem)
+    if "protocol" not in header:
+        raise ConfigError(str(args.header), "protocol", "required: backend, threads, batch and dtype of the measurement")
+    table = import_csv(args.csv, header)
+    from nas.latency.table import LatencyTable
+
+    LatencyTable.loads(table.dumps(), str(args.header))  # the result must load like any table
+    table.save(args.out)
+    print(f"{args.out}: {len(table.entries)} ops imported from {args.csv}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lut = sub.add_parser("lut", help="latency lookup tables: build, extend, show, validate").add_subparsers(
+        dest="lut_command", metavar="ACTION", required=True)
+
+    def measuring(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("measurement protocol")
+        g.add_argument("--backend", default="torch-cpu", help="torch-cpu | onnxruntime-cpu | torch-cuda (default torch-cpu)")
+        g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+        g.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+        g.add_argument("--repeats", type=int, default=15, help="minimum timed runs per op (default 15)")
+        g.add_argument("--min-time", type=float, default=0.03, help="minimum timed seconds per op (default 0.03)")
+        g.add_argument("--warmup", type=int, default=3, help="minimum warm-up runs (default 3)")
+        g.add_argument("--warmup-time", type=float, default=0.01, help="minimum warm-up seconds (default 0.01)")
+        g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
+
+    def covering(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--space", action="append", type=Path, help="search space YAML whose ops to cover (repeatable)")
+        p.add_argument("--arch", action="append", help="arch YAML or zoo:NAME whose ops to cover (repeatable)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = lut.add_parser("build", help="measure every op of a space (and/or archs) into a new table")
+    p.add_argument("--out", required=True, help="table file to write (e.g. latency_tables/cpu_torch_fp32_t1.csv)")
+    p.add_argument("--name", help="table name (default: the file name)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing table")
+    covering(p)
+    measuring(p)
+    p.set_defaults(func=cmd_build)
+
+    p = lut.add_parser("extend", help="measure only the ops a table is missing (same protocol as the table)")
+    p.add_argument("table", type=Path)
+    covering(p)
+    p.set_defaults(func=cmd_extend)
+
+    p = lut.add_parser("show", help="a table's header, or an arch's predicted latency block by block")
+    p.add_argument("table", type=Path)
+    p.add_argument("--arch", help="arch YAML or zoo:NAME to predict")
+    p.add_argument("--resolution", type=int, help="predict at this input resolution")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = lut.add_parser("validate", help="predicted vs measured end-to-end latency on sampled architectures")
+    p.add_argument("table", type=Path)
+    p.add_argument("--space", type=Path, required=True, help="search space to sample from")
+    p.add_argument("-n", "--num", type=int, default=30, help="architectures to sample (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/lut-validate", help="folder for the CSV, PNG and TensorBoard events")
+    p.add_argument("--extend", action="store_true", help="measure ops the table is missing first")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_validate)
+
+    p = lut.add_parser("template", help="CSV of the ops to measure on another device (for `nas lut import`)")
+    p.add_argument("--out", required=True)
+    covering(p)
+    p.set_defaults(func=cmd_template)
+
+    p = lut.add_parser("import", help="a table from a CSV measured on another device (see docs/LATENCY.md)")
+    p.add_argument("csv", type=Path, help="CSV with columns op,median_us[,p10_us,p90_us,n]")
+    p.add_argument("--header", type=Path, required=True, help="YAML with name, device and protocol of the measurement")
+    p.add_argument("--out", required=True, help="table file to write")
+    p.set_defaults(func=cmd_import)

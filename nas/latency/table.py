@@ -1,0 +1,311 @@
+"""Latency lookup tables (MnasNet/NetAdapt style): every op a space can produce, measured once on one device and
+backend; a network's latency is predicted as the sum over its ops, in microseconds, without running it.
+
+File format (`nas/lut@1`, see docs/LATENCY.md): a commented YAML header (device, versions, protocol, date) and a
+CSV body sorted by op key, so tables are readable and diff cleanly.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from nas.arch.blocks import build_block
+from nas.arch.spec import ArchSpec, BlockSpec, block_to_dict
+from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_mapping
+from nas.errors import ConfigError, NasError
+from nas.latency.profile import Measurement, Protocol, environment, measure
+
+FORMAT = "nas/lut@1"
+COLUMNS = ("op", "median_us", "p10_us", "p90_us", "n")
+# Protocol fields that change the numbers themselves: a table is refused for a protocol that differs in these.
+BINDING = ("backend", "threads", "batch", "dtype")
+Shape = tuple[int, int, int]
+
+
+class LatencyTableError(NasError):
+    """A table cannot answer: missing ops, or measured under another backend/threads/batch/dtype."""
+
+
+def op_key(block: BlockSpec, shape: Shape) -> str:
+    """Canonical text of one op at one input shape, e.g. 'ib kernel=3 expand=4.0 out=48 stride=2 se=0.0 act=relu in=32x80x80'."""
+    d = block_to_dict(block)
+    parts = [d.pop("op")]
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = "/".join(map(str, v))
+        parts.append(f"{k}={v}")
+    parts.append("in=" + "x".join(map(str, shape)))
+    return " ".join(parts)
+
+
+def arch_ops(arch: ArchSpec) -> list[tuple[str, BlockSpec, Shape]]:
+    """(block name, block, input C×H×W) for every op the backbone runs, stem included."""
+    h = w = arch.resolution
+    rows = [("stem", arch.stem, (arch.channels, h, w))]
+    h, w = (h + 1) // 2 if arch.stem.stride == 2 else h, (w + 1) // 2 if arch.stem.stride == 2 else w
+    last = max(i for i, s in enumerate(arch.stages) if s.name in arch.features) if arch.features else len(arch.stages) - 1
+    for sname, i, b, cin in arch.blocks():
+        if [s.name for s in arch.stages].index(sname) > last:
+            break
+        rows.append((f"{sname}.{i}", b, (cin, h, w)))
+        if b.stride == 2:
+            h, w = (h + 1) // 2, (w + 1) // 2
+    return rows
+
+
+@dataclass(frozen=True)
+class Entry:
+    median_us: float
+    p10_us: float
+    p90_us: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    total_us: float
+    blocks: tuple[tuple[str, str, float], ...]   # (block name, op key, µs)
+
+    @property
+    def total_ms(self) -> float:
+        return self.total_us / 1e3
+
+
+@dataclass
+class LatencyTable:
+    header: dict[str, Any]
+    entries: dict[str, Entry] = field(default_factory=dict)
+    path: Path | None = None
+
+    # ------------------------------------------------------------ identity and compatibility
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol.from_dict(self.header["protocol"])
+
+    @property
+    def name(self) -> str:
+        return str(self.header.get("name") or (self.path.stem if self.path else "table"))
+
+    def check_compatible(self, protocol: Protocol) -> None:
+        """Refuse a protocol whose backend/threads/batch/dtype differ; warn when software versions differ."""
+        mine = self.header["protocol"]
+        diffs = [f"{k}: table {mine.get(k)!r}, requested {getattr(protocol, k)!r}" for k in BINDING
+                 if mine.get(k) != getattr(protocol, k)]
+        if diffs:
+            raise LatencyTableError(
+                f"{self.path or self.name}: measured under a different setting ({'; '.join(diffs)}); latency does not "
+                f"carry over between backends, thread counts, batch sizes or dtypes: build a table for this setting "
+                f"with `nas lut build`")
+        here = environment(protocol)
+        for k in ("torch", "onnxruntime", "cpu"):
+            if k in self.header.get("device", {}) and k in here and self.header["device"][k] != here[k]:
+                warnings.warn(f"{self.path or self.name}: measured with {k} {self.header['device'][k]!r}, "
+                              f"running {here[k]!r}; predictions may be off (validate with `nas lut validate`)",
+                              stacklevel=2)
+
+    # ------------------------------------------------------------ lookups
+    def missing(self, ops: Iterable[tuple[BlockSpec, Shape]]) -> list[tuple[BlockSpec, Shape]]:
+        return [(b, s) for b, s in ops if op_key(b, s) not in self.entries]
+
+    def predict(self, arch: ArchSpec) -> Prediction:
+        """Sum of the table's entries over the backbone's ops; every missing op is listed in the error."""
+        rows, missing = [], []
+        for name, block, shape in arch_ops(arch):
+            key = op_key(block, shape)
+            e = self.entries.get(key)
+            if e is None:
+                missing.append(f"{name}: {key}")
+                continue
+            rows.append((name, key, e.median_us))
+        if missing:
+            shown = "; ".join(missing[:3]) + (f"; ... ({len(missing)} in all)" if len(missing) > 3 else "")
+            raise LatencyTableError(
+                f"latency table {self.path or self.name} has no entry for {len(missing)} op(s) of {arch.name!r}: "
+                f"{shown}. Add them with `nas lut extend {self.path or 'TABLE'} --arch ARCH.yaml` (or --space SPACE.yaml)")
+        return Prediction(sum(r[2] for r in rows), tuple(rows))
+
+    # ------------------------------------------------------------ measuring
+    @classmethod
+    def new(cls, protocol: Protocol, name: str, space: str | None = None, notes: str | None = None) -> "LatencyTable":
+        header = {"format": FORMAT, "name": name, "unit": "microseconds",
+                  "device": {k: _plain(v) for k, v in environment(protocol).items() if k != "protocol"},
+                  "protocol": protocol.to_dict(), "space": space}
+        if notes:
+            header["notes"] = notes
+        return cls(header=header)
+
+    def extend(self, ops: Iterable[tuple[BlockSpec, Shape]], *, progress: bool = True, save_every: int = 200,
+               path: str | Path | None = None) -> int:
+        """Measure every op not yet in the table; saves every `save_every` ops so a killed build loses little."""
+        protocol = self.protocol
+        todo, seen = [], set()
+        for b, s in ops:
+            k = op_key(b, s)
+            if k not in self.entries and k not in seen:
+                seen.add(k)
+                todo.append((k, b, s))
+        if not todo:
+            return 0
+        path = Path(path) if path else self.path
+        bar = _progress(len(todo), progress, "measuring ops")
+        try:
+            for i, (k, b, s) in enumerate(todo):
+                m = measure(build_block(b, s[0]), s, protocol)
+                self.entries[k] = Entry(round(m.median_us, 2), round(m.p10_us, 2), round(m.p90_us, 2), m.n)
+                bar.update(1)
+                if path and (i + 1) % save_every == 0:
+                    self.save(path)
+        finally:
+            bar.close()
+            if path:
+                self.save(path)
+        self.header["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if path:
+            self.save(path)
+        return len(todo)
+
+    # ------------------------------------------------------------ file format
+    def dumps(self) -> str:
+        head = yaml.safe_dump(self.header, sort_keys=False, default_flow_style=False, width=120)
+        out = io.StringIO()
+        out.write("".join(f"# {line}\n" for line in head.splitlines()))
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for k in sorted(self.entries):
+            e = self.entries[k]
+            w.writerow([k, f"{e.median_us:.2f}", f"{e.p10_us:.2f}", f"{e.p90_us:.2f}", e.n])
+        return out.getvalue()
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(self.dumps())
+        tmp.replace(p)  # atomic: a crash mid-write never leaves half a table
+        self.path = p
+        return p
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<table>") -> "LatencyTable":
+        lines = text.splitlines()
+        head = [ln[2:] if ln.startswith("# ") else ln[1:] for ln in lines if ln.startswith("#")]
+        body = [ln for ln in lines if not ln.startswith("#") and ln.strip()]
+        if not head:
+            raise ConfigError(source, "header", "no '# ' header lines; a table starts with '# format: nas/lut@1'")
+        header = require_mapping(parse_yaml("\n".join(head), source), source, "header")
+        if header.get("format") != FORMAT:
+            raise ConfigError(source, "header.format", f"expected {FORMAT!r}, got {header.get('format')!r}")
+        check_keys(header, ("format", "name", "unit", "device", "protocol", "space", "notes", "updated", "imported_from"),
+                   source, "header")
+        try:
+            Protocol.from_dict(require_mapping(read(header, "protocol", dict, source, "header"), source, "header.protocol"))
+        except ConfigError as e:
+            raise ConfigError(source, f"header.protocol.{e.field}", e.message) from None
+        except TypeError as e:
+            raise ConfigError(source, "header.protocol", str(e)) from None
+        if not body or tuple(c.strip() for c in body[0].split(",")) != COLUMNS:
+            raise ConfigError(source, "columns", f"expected the column line {','.join(COLUMNS)}")
+        entries = {}
+        for lineno, row in enumerate(csv.reader(body[1:]), start=len(head) + 2):
+            entries_key, entry = _parse_row(row, source, lineno)
+            if entries_key in entries:
+                raise ConfigError(source, f"line {lineno}", f"duplicate op {entries_key!r}")
+            entries[entries_key] = entry
+        return cls(header=dict(header), entries=entries)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(str(p), None, "latency table not found" if not p.exists() else "not a regular file")
+        if p.stat().st_size > 8 * MAX_FILE_BYTES:
+            raise ConfigError(str(p), None, "file too large for a latency table")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(str(p), None, f"not UTF-8 text (byte {e.start})") from None
+        table = cls.loads(text, str(p))
+        table.path = p
+        return table
+
+
+def _plain(v: Any) -> Any:
+    """Plain YAML scalars only (torch.__version__ is a str subclass the safe dumper refuses)."""
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return str(v)
+
+
+def _parse_row(row: list[str], source: str, lineno: int) -> tuple[str, Entry]:
+    where = f"line {lineno}"
+    if len(row) != len(COLUMNS):
+        raise ConfigError(source, where, f"expected {len(COLUMNS)} columns ({','.join(COLUMNS)}), got {len(row)}")
+    key = row[0].strip()
+    if not key:
+        raise ConfigError(source, f"{where}.op", "empty op key")
+    vals = []
+    for col, text in zip(COLUMNS[1:4], row[1:4]):
+        try:
+            v = float(text)
+        except ValueError:
+            raise ConfigError(source, f"{where}.{col}", f"not a number: {text!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(source, f"{where}.{col}", f"latency must be a positive finite number, got {text!r}")
+        vals.append(v)
+    try:
+        n = int(row[4])
+    except ValueError:
+        raise ConfigError(source, f"{where}.n", f"not an integer: {row[4]!r}") from None
+    if n < 1:
+        raise ConfigError(source, f"{where}.n", f"must be at least 1, got {n}")
+    if not vals[1] <= vals[0] <= vals[2]:
+        raise ConfigError(source, where, f"expected p10 <= median <= p90, got {vals[1]}, {vals[0]}, {vals[2]}")
+    return key, Entry(vals[0], vals[1], vals[2], n)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="op", dynamic_ncols=True)
+
+
+def import_csv(csv_path: str | Path, header: Mapping[str, Any], *, source_name: str | None = None) -> LatencyTable:
+    """A table from a CSV measured elsewhere (phone, Jetson): columns op,median_us[,p10_us,p90_us,n].
+
+    `op` keys come from `nas lut template`; missing p10/p90 default to the median, n to 1.
+    """
+    p = Path(csv_path)
+    if not p.is_file():
+        raise ConfigError(str(p), None, "CSV file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), None, f"not UTF-8 text (byte {e.start})") from None
+    rows = list(csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
+    if not rows:
+        raise ConfigError(str(p), None, "empty CSV")
+    cols = [c.strip() for c in rows[0]]
+    if cols[:2] != ["op", "median_us"] or any(c not in COLUMNS for c in cols):
+        raise ConfigError(str(p), "columns", f"expected columns op,median_us[,p10_us,p90_us,n], got {','.join(cols)}")
+    table = LatencyTable(header=dict(header))
+    for lineno, row in enumerate(rows[1:], start=2):
+        d = dict(zip(cols, row))
+        if len(row) != len(cols):
+            raise ConfigError(str(p), f"line {lineno}", f"expected {len(cols)} columns, got {len(row)}")
+        full = [d["op"], d["median_us"], d.get("p10_us") or d["median_us"], d.get("p90_us") or d["median_us"],
+                d.get("n") or "1"]
+        k, e = _parse_row(full, str(p), lineno)
+        table.entries[k] = e
+    table.header.setdefault("format", FORMAT)
+    table.header["imported_from"] = source_name or p.name
+    return table

@@ -1,0 +1,176 @@
+"""How good is a latency table? Predicted vs measured end-to-end latency on sampled architectures, beside a
+FLOPs-based predictor, with an optional linear calibration fitted on a held-out half and reported separately."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nas.arch.backbone import build_backbone
+from nas.arch.cost import arch_cost
+from nas.arch.spec import ArchSpec
+from nas.latency.profile import Protocol, measure
+from nas.latency.table import LatencyTable
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Agreement of a predictor with measurement."""
+
+    mape: float          # mean absolute percentage error, %
+    within_5: float      # fraction of architectures within ±5 %
+    within_10: float
+    kendall_tau: float
+    spearman_rho: float
+    bias: float          # median of predicted / measured - 1, %
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
+    from scipy.stats import kendalltau, spearmanr
+
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    rel = p / m - 1
+    tau = kendalltau(p, m).statistic if len(p) > 1 else float("nan")
+    rho = spearmanr(p, m).statistic if len(p) > 1 else float("nan")
+    return Accuracy(float(100 * np.mean(np.abs(rel))), float(np.mean(np.abs(rel) <= 0.05)),
+                    float(np.mean(np.abs(rel) <= 0.10)), float(tau), float(rho), float(100 * np.median(rel)))
+
+
+def flops_baseline(macs: Sequence[float], params: Sequence[float], measured: Sequence[float], folds: int = 5) -> np.ndarray:
+    """Cross-validated predictions of a linear fit latency ~ a·MACs + b·params + c (each arch predicted by a
+    model that never saw it): the usual proxy a lookup table has to beat."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    x = np.column_stack([macs, params]).astype(float)
+    y = np.asarray(measured, float)
+    k = min(folds, len(y))
+    return cross_val_predict(LinearRegression(), x, y, cv=KFold(k, shuffle=True, random_state=0))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """measured ≈ scale · predicted + offset_us, fitted on the first half of the architectures only."""
+
+    scale: float
+    offset_us: float
+    fitted_on: int
+
+    def apply(self, predicted_us: float) -> float:
+        return self.scale * predicted_us + self.offset_us
+
+
+def fit_calibration(predicted: Sequence[float], measured: Sequence[float]) -> Calibration:
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    scale, offset = np.polyfit(p, m, 1)
+    return Calibration(float(scale), float(offset), len(p))
+
+
+@dataclass
+class ValidationReport:
+    table: str
+    protocol: str
+    n: int
+    lut: Accuracy
+    flops: Accuracy
+    calibrated: Accuracy | None       # on the held-out half only
+    calibration: Calibration | None
+    rows: list[dict]
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("rows")
+        return d
+
+
+def validate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol | None = None,
+             progress: bool = True) -> ValidationReport:
+    """Measure each architecture's backbone end to end under the table's own protocol and compare."""
+    from tqdm import tqdm
+
+    protocol = protocol or table.protocol
+    table.check_compatible(protocol)
+    rows = []
+    for arch in tqdm(archs, desc="measuring architectures", disable=not progress, unit="arch"):
+        pred = table.predict(arch)
+        net = build_backbone(arch)
+        m = measure(net, (arch.channels, arch.resolution, arch.resolution), protocol)
+        cost = arch_cost(arch)
+        rows.append({"arch": arch.name, "resolution": arch.resolution, "predicted_us": round(pred.total_us, 1),
+                     "measured_us": round(m.median_us, 1), "measured_p10_us": round(m.p10_us, 1),
+                     "measured_p90_us": round(m.p90_us, 1), "macs": cost.macs, "params": cost.params,
+                     "blocks": len(pred.blocks)})
+    pred = [r["predicted_us"] for r in rows]
+    meas = [r["measured_us"] for r in rows]
+    flops_pred = flops_baseline([r["macs"] for r in rows], [r["params"] for r in rows], meas)
+    for r, f in zip(rows, flops_pred):
+        r["flops_predicted_us"] = round(float(f), 1)
+    calib, calibrated = None, None
+    half = len(rows) // 2
+    if half >= 3:
+        calib = fit_calibration(pred[:half], meas[:half])
+        held = rows[half:]
+        for r in held:
+            r["calibrated_us"] = round(calib.apply(r["predicted_us"]), 1)
+        calibrated = accuracy([r["calibrated_us"] for r in held], [r["measured_us"] for r in held])
+    return ValidationReport(str(table.path or table.name), protocol.describe(), len(rows), accuracy(pred, meas),
+                            accuracy(flops_pred, meas), calibrated, calib, rows)
+
+
+def write_report(report: ValidationReport, out_dir: str | Path, tensorboard: bool = True) -> dict[str, Path]:
+    """CSV of every architecture, JSON summary, predicted-vs-measured scatter (PNG and TensorBoard)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "validation.csv", "json": out / "validation.json", "png": out / "predicted_vs_measured.png"}
+    cols = list(report.rows[0])
+    for r in report.rows:
+        cols += [c for c in r if c not in cols]
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(report.rows)
+    paths["json"].write_text(json.dumps(report.summary(), indent=2))
+    fig = scatter_figure(report)
+    fig.savefig(paths["png"], dpi=120)
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(out / "tb")) as tb:
+            tb.add_figure("latency/predicted_vs_measured", fig)
+            for name, acc in (("lut", report.lut), ("flops", report.flops), ("calibrated", report.calibrated)):
+                if acc is not None:
+                    for k, v in asdict(acc).items():
+                        tb.add_scalar(f"latency_validation/{name}/{k}", v)
+        paths["tensorboard"] = out / "tb"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+def scatter_figure(report: ValidationReport):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meas = np.array([r["measured_us"] for r in report.rows]) / 1e3
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(meas, np.array([r["predicted_us"] for r in report.rows]) / 1e3, s=14,
+               label=f"lookup table (MAPE {report.lut.mape:.1f}%, τ {report.lut.kendall_tau:.2f})")
+    ax.scatter(meas, np.array([r["flops_predicted_us"] for r in report.rows]) / 1e3, s=14, marker="x",
+               label=f"linear in MACs+params (MAPE {report.flops.mape:.1f}%, τ {report.flops.kendall_tau:.2f})")
+    lo, hi = float(meas.min()) * 0.8, float(meas.max()) * 1.2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    for f in (0.9, 1.1):
+        ax.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.5)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(f"{Path(report.table).name}: {report.n} architectures", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
