@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_space_info)
 
     from nas.latency import commands as lut_commands
+    from nas.search import commands as search_commands
 
     lut_commands.register(sub)
+    search_commands.register(sub)
     return p
 
 

@@ -12,33 +12,18 @@ from nas.latency.table import LatencyTable, LatencyTableError, arch_ops, import_
 from nas.latency.validate import validate, write_report
 from nas.space import space_from_dict
 
-TINY = {
-    "format": "nas/space@1", "name": "tiny", "resolution": [64], "stem": {"out": [8], "act": ["relu"]},
-    "stages": [
-        {"name": "s1", "stride": 2, "depth": [1], "out": [16], "ops": ["ib", "fused_ib"], "kernels": [3],
-         "expand": [2.0], "act": ["relu"]},
-        {"name": "s2", "stride": 2, "depth": [1, 2], "out": [16, 24], "ops": ["ib", "extra_dw", "ffn"], "kernels": [3],
-         "expand": [2.0], "se": [False, True], "act": ["hswish"]},
-        {"name": "s3", "stride": 2, "depth": [1], "out": [32], "ops": ["convnext"], "kernels": [3, 5], "expand": [2.0],
-         "act": ["relu"]},
-    ],
-    "features": ["s1", "s2", "s3"],
-}
-FAST = Protocol(warmup_runs=2, warmup_s=0.0, repeats=5, min_time_s=0.0)
+from conftest import FAST, TINY
 
 
 @pytest.fixture(scope="module")
-def space():
-    return space_from_dict(TINY, "tiny")
+def space(tiny_space):
+    return tiny_space
 
 
 @pytest.fixture(scope="module")
-def table(space, tmp_path_factory):
-    t = LatencyTable.new(FAST, "tiny-test", space="tiny")
-    path = tmp_path_factory.mktemp("lut") / "tiny.csv"
-    n = t.extend(space.ops(), path=path, progress=False)
-    assert n == len({op_key(b, s) for b, s in space.ops()}) == len(t.entries)
-    return t
+def table(tiny_space, tiny_table):
+    assert len(tiny_table.entries) == len({op_key(b, s) for b, s in tiny_space.ops()})
+    return tiny_table
 
 
 def test_space_ops_cover_every_sampled_arch(space):

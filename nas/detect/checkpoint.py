@@ -1,0 +1,96 @@
+"""Training checkpoints that load with `torch.load(weights_only=True)`: tensors, numbers, strings and the arch as
+YAML text, never pickled Python objects. Also the RNG snapshot that makes a resumed run repeat the original."""
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas.arch.spec import dumps_arch, loads_arch
+from nas.detect.model import Detector
+from nas.errors import NasError
+
+FORMAT = "nas/checkpoint@1"
+
+
+def model_meta(model: Detector, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """What it takes to rebuild the Detector: arch YAML text and the constructor arguments."""
+    return {"arch_yaml": dumps_arch(model.arch), "num_classes": model.nc, "neck": model.neck_name,
+            "width": model.width, "depth": model.depth, "reg_max": model.reg_max, "act": model.act,
+            "names": list(names)}
+
+
+def rng_state() -> dict[str, Any]:
+    """torch / CUDA / numpy / random states as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "random": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["state"]), r["gauss"]))
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temp file + rename), so an interrupted save never leaves a truncated last.pt."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    torch.save({"format": FORMAT, **ckpt}, tmp)
+    tmp.replace(p)
+    return p
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint safely (weights_only=True); files holding pickled objects are refused with a NasError."""
+    p = Path(path)
+    if not p.is_file():
+        raise NasError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        globals_ = [ln for ln in lines if "Unsupported global" in ln]
+        if not globals_:  # not even a pickle of known opcodes: garbage or truncated
+            raise NasError(f"{p}: not a readable checkpoint (corrupt, truncated or not written by torch.save)"
+                           ) from None
+        raise NasError(f"{p}: refused to load: the file contains pickled Python objects, which could run code "
+                       f"(weights_only=True said: {globals_[0]}). Only checkpoints written by `nas train` are "
+                       "accepted; retrain, or re-save the state_dict from a trusted session") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise NasError(f"{p}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                       ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        tag = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise NasError(f"{p}: not a nas checkpoint (expected format {FORMAT!r}, got {tag!r})")
+    return ckpt
+
+
+def detector_from_meta(meta: dict[str, Any], source: str = "<checkpoint>") -> Detector:
+    arch = loads_arch(meta["arch_yaml"], source)
+    return Detector(arch, meta["num_classes"], neck=meta["neck"], width=meta["width"], depth=meta["depth"],
+                    reg_max=meta["reg_max"], act=meta.get("act", "silu"))
+
+
+def load_detector(path: str | Path, ema: bool = True) -> Detector:
+    """The Detector saved in a checkpoint, with its EMA weights (or the raw ones with ema=False), in eval mode."""
+    ckpt = load_checkpoint(path)
+    model = detector_from_meta(ckpt["meta"], str(path))
+    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    return model.eval()

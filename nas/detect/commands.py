@@ -1,0 +1,151 @@
+"""`nas train` and `nas data digits`: argparse sub-commands and their handlers (nas.cli calls `register`).
+
+Heavy imports (torch) happen inside the handlers so `nas --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _arch(ref: str):
+    """An ArchSpec from 'zoo:NAME', a bare zoo name, or an arch YAML path."""
+    from nas.arch.spec import load_arch
+    from nas.arch.zoo import ZOO, get_arch
+
+    if ref.startswith("zoo:") or (ref in ZOO and not Path(ref).exists()):
+        return get_arch(ref.removeprefix("zoo:"))
+    return load_arch(ref)
+
+
+def _clean(v: Any) -> Any:
+    """NaN -> None so the JSON is standard."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train, export the best weights to model.onnx (checked against PyTorch), print the metrics.
+
+    Returns the summary dict on rank 0 (None on other torchrun ranks).
+    """
+    from nas.detect.checkpoint import load_detector
+    from nas.detect.train import TrainConfig, train
+    from nas.errors import ConfigError, NasError
+    from nas.export import check_onnx, export_onnx
+
+    if args.arch is None and not args.resume:
+        raise ConfigError(None, "ARCH", "give an arch YAML or zoo:NAME (or --resume --name NAME)")
+    given = {k: getattr(args, k) for k in ("data", "epochs", "imgsz", "batch", "device", "workers", "neck", "name",
+                                           "project", "optimizer", "lr0", "seed", "schedule", "close_mosaic",
+                                           "val_interval", "exist_ok", "threads")}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    arch = _arch(args.arch) if args.arch is not None else None
+    cfg = TrainConfig(arch=arch, resume=args.resume, progress=not args.quiet, **kwargs)
+    result = train(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    weights = result.best if result.best.is_file() else result.last
+    summary: dict[str, Any] = {
+        "map50": result.map50, "map50_95": result.map50_95, "fitness": result.fitness, "epochs": result.epochs,
+        "best_epoch": result.best_epoch, "weights": str(weights), "last": str(result.last),
+        "run_dir": str(result.run_dir), "seconds": round(result.seconds, 1), "final": result.final,
+        "speed_ms": result.speed,  # PyTorch eval on the val set, per image: preprocess, inference, nms
+    }
+    onnx_error = None
+    if not args.no_onnx:
+        model = load_detector(weights)
+        imgsz = _run_imgsz(result.run_dir)  # on --resume the run's own size
+        summary["params"] = sum(p.numel() for p in model.parameters())
+        try:
+            onnx_path = export_onnx(model, imgsz, result.run_dir / "model.onnx")
+            summary["onnx"] = str(onnx_path)
+            summary["onnx_max_diff"] = check_onnx(model, onnx_path, imgsz)
+        except NasError as e:  # report the training first: its weights are saved and valid
+            onnx_error = e
+            summary["onnx_error"] = str(e)
+    if args.json:
+        print(json.dumps(_clean(summary), indent=2))
+    else:
+        print(f"{result.run_dir}: {result.epochs} epochs in {result.seconds / 60:.1f} min; best epoch "
+              f"{result.best_epoch}: mAP50 {result.map50:.4f}, mAP50-95 {result.map50_95:.4f}")
+        print(f"weights: {weights}")
+        if "onnx_max_diff" in summary:
+            print(f"onnx:    {summary['onnx']} (max diff vs PyTorch {summary['onnx_max_diff']:.2e})")
+    if onnx_error is not None:
+        raise onnx_error
+    return summary
+
+
+def _run_imgsz(run_dir: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((run_dir / "args.yaml").read_text())["imgsz"])
+
+
+def cmd_data_digits(args: argparse.Namespace) -> Path:
+    from nas.detect.digits import generate_digits
+
+    path = generate_digits(args.out, args.train, args.val, args.imgsz, args.seed, progress=not args.quiet,
+                           workers=args.workers)
+    print(path)
+    return path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train` and `data` to the `nas` command's sub-parsers."""
+    t = subparsers.add_parser(
+        "train", help="train a YOLO detector on a backbone and report COCO mAP",
+        description="Train backbone + neck + YOLOv8 head on a YOLO-format dataset (DigitsDet when --data is not "
+                    "given). Writes PROJECT/NAME/: args.yaml, arch.yaml, weights/last.pt and best.pt, results.csv, "
+                    "TensorBoard events and model.onnx. Multi-GPU/CPU: torchrun --nproc_per_node N -m nas train ...")
+    t.add_argument("arch", nargs="?", metavar="ARCH", help="arch YAML path or zoo:NAME (e.g. zoo:mobilenet_v3_small_100)")
+    t.add_argument("--data", help="data YAML in the ultralytics layout (default: DigitsDet, generated once into "
+                                  "~/.cache/nas or $NAS_CACHE)")
+    t.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    t.add_argument("--imgsz", type=int, help="square input size, a multiple of 32 (default 320)")
+    t.add_argument("--batch", type=int, help="total batch size over all processes (default 16)")
+    t.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    t.add_argument("--workers", type=int, help="data loader processes (default 2)")
+    t.add_argument("--threads", type=int, help="torch threads per process (default: torch's; 1 is often fastest "
+                                               "on a busy small CPU)")
+    t.add_argument("--neck", choices=("yolov8", "dw"), help="yolov8: C2f PAN; dw: light depthwise PAN (default yolov8)")
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), help="default sgd (momentum 0.937, nesterov)")
+    t.add_argument("--lr0", type=float, help="initial learning rate (default 0.01 for SGD, 0.001 for AdamW)")
+    t.add_argument("--schedule", choices=("linear", "cosine"), help="LR decay to lr0*0.01 (default linear)")
+    t.add_argument("--close-mosaic", type=int, dest="close_mosaic", help="last N epochs without mosaic (default 10)")
+    t.add_argument("--val-interval", type=int, dest="val_interval", help="evaluate every N epochs (default 1)")
+    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    t.add_argument("--project", help="parent folder of runs (default runs/train)")
+    t.add_argument("--name", help="run folder name (default: the arch name, made unique with 2, 3, ...)")
+    t.add_argument("--exist-ok", action="store_true", default=None, dest="exist_ok",
+                   help="reuse PROJECT/NAME instead of making a new folder")
+    t.add_argument("--resume", action="store_true", help="continue PROJECT/NAME/weights/last.pt (same settings)")
+    t.add_argument("--no-onnx", action="store_true", dest="no_onnx", help="skip the model.onnx export and check")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--json", action="store_true",
+                   help="print a JSON object (map50, map50_95, epochs, weights, onnx, ...) instead of text")
+    t.set_defaults(func=cmd_train)
+
+    data = subparsers.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="ACTION",
+                                                                        required=True)
+    d = data.add_parser("digits", help="generate DigitsDet, a small detection dataset of handwritten digits",
+                        description="Paste scikit-learn's bundled handwritten digits onto textured canvases; writes "
+                                    "images/, labels/ and data.yaml (ultralytics layout). Deterministic by seed.")
+    d.add_argument("--out", required=True, type=Path, help="output folder")
+    d.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
+    d.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    d.add_argument("--imgsz", type=int, default=320, help="image side in pixels (default 320)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data_digits)

@@ -1,0 +1,68 @@
+"""`nas search EXPERIMENT.yaml [overrides]`: run or resume a search."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from nas.search.experiment import apply_overrides, load_experiment
+    from nas.search.study import mask_url, run, summary
+
+    exp = load_experiment(args.experiment)
+    exp = apply_overrides(exp, {
+        "name": args.name, "budget_ms": args.budget_ms, "mode": args.mode, "sampler": args.sampler,
+        "trials": args.trials, "timeout_s": args.timeout, "storage": args.storage, "study": args.study,
+        "seed": args.seed, "workers": args.workers, "output": args.output, "device": args.device, "scope": args.scope,
+        "evaluator.kind": args.evaluator, "evaluator.proxy": args.proxy, "evaluator.epochs": args.epochs,
+    })
+    print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
+          f"{exp.trials} trials, {exp.workers} worker(s), storage {mask_url(exp.storage_url())}", file=sys.stderr)
+    study = run(exp, progress=not args.quiet)
+    states = summary(study)
+    result = {"name": exp.name, "study": exp.study_name, "run_dir": str(exp.run_dir), "trials": states,
+              "storage": mask_url(exp.storage_url())}
+    feasible = study.best_trials
+    if exp.mode != "pareto" and feasible:
+        best = study.best_trial
+        result["best"] = {"trial": best.number, "value": best.value, "predicted_ms": best.user_attrs.get("predicted_ms")}
+    else:
+        result["pareto_front"] = len(feasible)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{exp.name}: " + ", ".join(f"{v} {k}" for k, v in states.items() if v))
+    if "best" in result:
+        b = result["best"]
+        print(f"best: trial {b['trial']}, value {b['value']:.4g}, predicted {b['predicted_ms']:.3f} ms")
+    else:
+        print(f"Pareto front: {result['pareto_front']} trials")
+    print(f"run folder: {exp.run_dir}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run or resume an architecture search (same command again resumes)",
+                       description="Run the search an experiment YAML describes. Running the same command again "
+                                   "resumes it: finished trials are kept and only the missing ones run. Several "
+                                   "machines join by using the same --storage URL and --study name.")
+    p.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
+    p.add_argument("--name", help="run name (folder under --output)")
+    p.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
+    p.add_argument("--scope", choices=["backbone", "detector"], help="what the budget applies to")
+    p.add_argument("--mode", choices=["constraint", "mnas", "pareto"], help="how latency enters the objective")
+    p.add_argument("--sampler", help="tpe | nsga2 | random | gp | qmc | ... or any optuna.samplers class name")
+    p.add_argument("--trials", type=int, help="finished trials the study should hold")
+    p.add_argument("--timeout", type=float, help="stop this worker after this many seconds")
+    p.add_argument("--evaluator", choices=["proxy", "train"], help="zero-cost proxy or short training")
+    p.add_argument("--proxy", help="proxy name (synflow, grad_norm, snip, naswot, entropy, zen, params, macs)")
+    p.add_argument("--epochs", type=int, help="epochs of the short-training evaluator")
+    p.add_argument("--storage", help="Optuna storage: sqlite:///F, postgresql://..., journal:///F, redis://...")
+    p.add_argument("--study", help="study name (default: the run name)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="local worker processes on the same study")
+    p.add_argument("--output", help="parent folder of the run folder (default runs)")
+    p.add_argument("--device", help="cpu | cuda:0 for evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_search)

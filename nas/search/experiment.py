@@ -1,0 +1,192 @@
+"""Experiment configs (`nas/experiment@1`): one YAML describes one search; every field can be overridden on the
+command line. Relative paths are resolved against the experiment file's folder."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from nas.config import check_keys, load_yaml, read, require_mapping, suggest
+from nas.errors import ConfigError
+
+FORMAT = "nas/experiment@1"
+MODES = ("constraint", "mnas", "pareto")
+EVALUATORS = ("proxy", "train")
+SCOPES = ("backbone", "detector")
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    kind: str = "proxy"            # proxy | train
+    proxy: str = "synflow"         # proxy name (kind: proxy)
+    resolution: int = 160          # proxy input resolution
+    batch: int = 8
+    # short training (kind: train)
+    data: str | None = None        # data YAML; None = DigitsDet generated in the run folder
+    epochs: int = 3
+    imgsz: int = 160
+    train_batch: int = 16
+    neck: str = "dw"
+    train_images: int = 400        # DigitsDet size when generated
+    val_images: int = 100
+    pruner: str = "hyperband"      # hyperband | successive_halving | median | none (constraint / mnas modes)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    space: str
+    table: str
+    budget_ms: float | None = None
+    scope: str = "backbone"
+    mode: str = "constraint"
+    mnas_alpha: float = -0.07      # MnasNet reward ACC·(LAT/T)^w: w = alpha if LAT <= T else beta (paper: -0.07)
+    mnas_beta: float = -0.07
+    sampler: str = "tpe"
+    trials: int = 50
+    timeout_s: float | None = None
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    storage: str | None = None     # SQLAlchemy URL, journal:///path or redis://; default SQLite in the run folder
+    study: str | None = None       # default: name
+    seed: int = 0
+    workers: int = 1
+    output: str = "runs"
+    device: str = "cpu"
+    source: str = field(default="<experiment>", compare=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+    @property
+    def study_name(self) -> str:
+        return self.study or self.name
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        # SQLite is not safe for several writers: parallel local workers share a journal file instead.
+        if self.workers > 1:
+            return f"journal:///{(self.run_dir / 'study.journal').resolve()}"
+        return f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        return {"format": FORMAT, **d}
+
+
+_TOP = [f.name for f in fields(Experiment) if f.name != "source"]
+_EVAL = [f.name for f in fields(EvaluatorConfig)]
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None = None) -> Experiment:
+    """Validate a loaded YAML mapping; paths are made relative to `base` (the experiment file's folder)."""
+    d = require_mapping(d, source, None)
+    if d.get("format") != FORMAT:
+        raise ConfigError(source, "format", f"expected {FORMAT!r}, got {d.get('format')!r}; is this an experiment config?")
+    check_keys(d, ["format"] + _TOP, source, None)
+
+    def path(key: str, default: Any = ...) -> str | None:
+        v = read(d, key, (str, type(None)), source, None, **({} if default is ... else {"default": default}))
+        if v is None or base is None or "://" in v:
+            return v
+        return str((base / v)) if not Path(v).is_absolute() else v
+
+    ev_raw = require_mapping(read(d, "evaluator", dict, source, None, default={}), source, "evaluator")
+    check_keys(ev_raw, _EVAL, source, "evaluator")
+    defaults = EvaluatorConfig()
+    ev_kw: dict[str, Any] = {}
+    for f in fields(EvaluatorConfig):
+        kind = {int: int, float: float, str: str}.get(type(getattr(defaults, f.name)), (str, type(None)))
+        if f.name in ev_raw:
+            ev_kw[f.name] = read(ev_raw, f.name, kind, source, "evaluator")
+    ev = EvaluatorConfig(**ev_kw)
+    if ev.data and base is not None and not Path(ev.data).is_absolute():
+        ev = replace(ev, data=str(base / ev.data))
+    exp = Experiment(
+        name=read(d, "name", str, source, None),
+        space=path("space"),
+        table=path("table"),
+        budget_ms=read(d, "budget_ms", (float, type(None)), source, None, default=None,
+                       check=lambda v: None if v is None or v > 0 else "must be positive"),
+        scope=read(d, "scope", str, source, None, default="backbone"),
+        mode=read(d, "mode", str, source, None, default="constraint"),
+        mnas_alpha=read(d, "mnas_alpha", float, source, None, default=-0.07),
+        mnas_beta=read(d, "mnas_beta", float, source, None, default=-0.07),
+        sampler=read(d, "sampler", str, source, None, default="tpe"),
+        trials=read(d, "trials", int, source, None, default=50, check=_positive),
+        timeout_s=read(d, "timeout_s", (float, type(None)), source, None, default=None),
+        evaluator=ev,
+        storage=read(d, "storage", (str, type(None)), source, None, default=None),
+        study=read(d, "study", (str, type(None)), source, None, default=None),
+        seed=read(d, "seed", int, source, None, default=0),
+        workers=read(d, "workers", int, source, None, default=1, check=_positive),
+        output=path("output", "runs") or "runs",
+        device=read(d, "device", str, source, None, default="cpu"),
+        source=source,
+    )
+    return check(exp)
+
+
+def check(exp: Experiment) -> Experiment:
+    """Cross-field rules, shared by files and command-line overrides."""
+    s = exp.source
+    if exp.mode not in MODES:
+        raise ConfigError(s, "mode", f"unknown mode {exp.mode!r}{suggest(exp.mode, MODES)}; choose {', '.join(MODES)}")
+    if exp.scope not in SCOPES:
+        raise ConfigError(s, "scope", f"unknown scope {exp.scope!r}; choose {', '.join(SCOPES)}")
+    if exp.evaluator.kind not in EVALUATORS:
+        raise ConfigError(s, "evaluator.kind", f"unknown evaluator {exp.evaluator.kind!r}{suggest(exp.evaluator.kind, EVALUATORS)}; "
+                                               f"choose {', '.join(EVALUATORS)}")
+    if exp.mode in ("constraint", "mnas") and exp.budget_ms is None:
+        raise ConfigError(s, "budget_ms", f"mode {exp.mode!r} needs a latency budget (e.g. budget_ms: 20)")
+    if not exp.name or "/" in exp.name or exp.name.startswith("."):
+        raise ConfigError(s, "name", "must be a plain folder name (no '/', not starting with '.')")
+    from nas.search.study import check_sampler_name
+
+    check_sampler_name(exp.sampler, s)
+    if exp.evaluator.kind == "proxy":
+        from nas.search.proxies import PROXIES
+
+        if exp.evaluator.proxy not in PROXIES:
+            raise ConfigError(s, "evaluator.proxy", f"unknown proxy {exp.evaluator.proxy!r}"
+                                                    f"{suggest(exp.evaluator.proxy, PROXIES)}; choose {', '.join(PROXIES)}")
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    p = Path(path)
+    return experiment_from_dict(load_yaml(p), str(p), p.parent)
+
+
+def apply_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment:
+    """Command-line overrides: top-level fields by name, evaluator fields as 'evaluator.<field>'."""
+    top, ev = {}, {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k.startswith("evaluator."):
+            ev[k.split(".", 1)[1]] = v
+        else:
+            top[k] = v
+    if ev:
+        top["evaluator"] = replace(exp.evaluator, **ev)
+    return check(replace(exp, **top, source=f"{exp.source} + command line"))
+
+
+def dump_experiment(exp: Experiment) -> str:
+    """The resolved config, as saved in the run folder (storage passwords masked)."""
+    from nas.search.study import mask_url
+
+    d = exp.to_dict()
+    if d.get("storage"):
+        d["storage"] = mask_url(d["storage"])
+    return yaml.safe_dump(d, sort_keys=False)
+

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny search space and its latency table, measured for real once per test session."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas.latency.profile import Protocol
+from nas.latency.table import LatencyTable
+from nas.space import space_from_dict
+
+TINY = {
+    "format": "nas/space@1", "name": "tiny", "resolution": [64], "stem": {"out": [8], "act": ["relu"]},
+    "stages": [
+        {"name": "s1", "stride": 2, "depth": [1], "out": [16], "ops": ["ib", "fused_ib"], "kernels": [3],
+         "expand": [2.0], "act": ["relu"]},
+        {"name": "s2", "stride": 2, "depth": [1, 2], "out": [16, 24], "ops": ["ib", "extra_dw", "ffn"], "kernels": [3],
+         "expand": [2.0], "se": [False, True], "act": ["hswish"]},
+        {"name": "s3", "stride": 2, "depth": [1], "out": [32], "ops": ["convnext"], "kernels": [3, 5], "expand": [2.0],
+         "act": ["relu"]},
+    ],
+    "features": ["s1", "s2", "s3"],
+}
+# Few repeats: the tests check behaviour, not precision.
+FAST = Protocol(warmup_runs=2, warmup_s=0.0, repeats=5, min_time_s=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "space.yaml").write_text(yaml.safe_dump(TINY))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_space(tiny_dir):
+    return space_from_dict(TINY, str(tiny_dir / "space.yaml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_table(tiny_space, tiny_dir) -> LatencyTable:
+    t = LatencyTable.new(FAST, "tiny-test", space="tiny")
+    t.extend(tiny_space.ops(), path=tiny_dir / "table.csv", progress=False)
+    return t

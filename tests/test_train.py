@@ -1,0 +1,197 @@
+"""Training loop: a tiny DigitsDet run, exact resume, safe checkpoints, divergence, torchrun (gloo), commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import nas.detect.train as train_mod
+from nas.arch.zoo import get_arch
+from nas.detect.checkpoint import FORMAT, load_checkpoint, load_detector
+from nas.detect.commands import register
+from nas.detect.digits import generate_digits
+from nas.detect.train import TrainConfig, TrainingDiverged, train
+from nas.errors import ConfigError, NasError
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "mobilenet_v3_small_100"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits make
+    2 threads 10-50x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("digits")
+    return str(generate_digits(root, 32, 16, imgsz=96, min_size=12, max_size=40, progress=False, workers=0))
+
+
+def tiny(data: str, project: Path, **kw) -> TrainConfig:
+    base = dict(arch=get_arch(ARCH), data=data, epochs=2, imgsz=96, batch=8, workers=0, neck="dw",
+                project=str(project), progress=False, warmup_epochs=0.5, close_mosaic=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tiny_training_learns_and_writes_run_folder(digits, tmp_path):
+    seen = []
+    # no mosaic: the loss of mosaic and single-image epochs are not comparable
+    r = train(tiny(digits, tmp_path, epochs=3, name="run", close_mosaic=3, lr0=0.05), on_epoch=lambda e, m: seen.append((e, m)))
+    assert [e for e, _ in seen] == [1, 2, 3] and r.epochs == 3
+    losses = [sum(h[f"train/{n}"] for n in ("box_loss", "cls_loss", "dfl_loss")) for h in r.history]
+    assert losses[-1] < losses[0]
+    run = tmp_path / "run"
+    assert r.run_dir == run and (run / "weights" / "last.pt").is_file() and (run / "weights" / "best.pt").is_file()
+    assert (run / "args.yaml").is_file() and (run / "arch.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert {"train/box_loss", "lr/pg0", "metrics/mAP50", "metrics/mAP50-95"} <= set(events.Tags()["scalars"])
+    rows = (run / "results.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,train/box_loss") and "map50_95" in rows[0]
+    assert 0 <= r.map50_95 <= r.map50 <= 1 and 1 <= r.best_epoch <= 3
+    # checkpoints are plain data: they load with weights_only=True
+    ckpt = torch.load(run / "weights" / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == FORMAT and ckpt["epoch"] == r.best_epoch and "arch_yaml" in ckpt["meta"]
+    model = load_detector(run / "weights" / "best.pt")
+    assert not model.training and model(torch.rand(1, 3, 96, 96)).shape == (1, 189, 14)
+    # a second run with the same name gets a new folder
+    assert train(tiny(digits, tmp_path, epochs=1, name="run", tensorboard=False)).run_dir == tmp_path / "run2"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_repeats_an_uninterrupted_run(digits, tmp_path):
+    full = train(tiny(digits, tmp_path, name="full", tensorboard=False))
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):  # the callback's exception propagates after last.pt is written
+        train(tiny(digits, tmp_path, name="part", tensorboard=False), on_epoch=stop_after_first)
+    assert load_checkpoint(tmp_path / "part" / "weights" / "last.pt")["epoch"] == 1
+    resumed = train(TrainConfig(project=str(tmp_path), name="part", resume=True, workers=0, progress=False,
+                                tensorboard=False))
+    assert resumed.epochs == 2
+    a, b = load_checkpoint(full.last), load_checkpoint(resumed.last)
+    for key in ("model", "ema"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
+    for ha, hb in zip(full.history, resumed.history):
+        assert {k: v for k, v in ha.items() if "time" not in k} == {k: v for k, v in hb.items() if "time" not in k}
+    with pytest.raises(NasError, match="already finished"):
+        train(TrainConfig(project=str(tmp_path), name="part", resume=True, progress=False))
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": FORMAT, "model": torch.nn.Linear(2, 2)}, path)  # a whole module: pickled classes
+    with pytest.raises(NasError, match="pickled Python objects"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(NasError, match="not a nas checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(NasError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_nan_loss_raises_training_diverged(digits, tmp_path, monkeypatch):
+    class NanLoss(train_mod.DetectionLoss):
+        def __call__(self, preds, targets, imgsz):
+            loss, parts = super().__call__(preds, targets, imgsz)
+            return loss * float("nan"), parts
+
+    monkeypatch.setattr(train_mod, "DetectionLoss", NanLoss)
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 1/4"):
+        train(tiny(digits, tmp_path, epochs=1, name="nan", tensorboard=False))
+
+
+def test_bad_config_is_a_config_error(digits, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        train(tiny(digits, tmp_path, imgsz=100))
+    with pytest.raises(ConfigError, match="sgd or adamw"):
+        train(tiny(digits, tmp_path, optimizer="adam"))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(TrainConfig(project=str(tmp_path), name="missing", resume=True))
+
+
+def test_torchrun_two_processes_gloo(digits, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from nas.arch.zoo import get_arch
+        from nas.detect.train import TrainConfig, train
+        r = train(TrainConfig(get_arch({ARCH!r}), data={digits!r}, epochs=1, imgsz=64, batch=8, workers=0,
+                              neck="dw", project={str(tmp_path)!r}, name="ddp", exist_ok=True, progress=False,
+                              tensorboard=False))
+        with open(f"result_{{os.environ['RANK']}}.json", "w") as f:  # not stdout: the ranks' lines interleave
+            json.dump({{"epochs": r.epochs, "dir": str(r.run_dir)}}, f)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # --standalone: a local rendezvous on a free port (a fixed port could clash with a parallel run)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"result_{rank}.json").read_text()) == {"epochs": 1, "dir": str(tmp_path / "ddp")}
+    assert len((tmp_path / "ddp" / "results.csv").read_text().splitlines()) == 2
+    assert load_checkpoint(tmp_path / "ddp" / "weights" / "last.pt")["epoch"] == 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nas")
+    register(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_train_command_json_and_onnx(digits, tmp_path, capsys):
+    args = _parser().parse_args(["train", f"zoo:{ARCH}", "--data", digits, "--epochs", "1", "--imgsz", "64",
+                                 "--batch", "8", "--workers", "0", "--neck", "dw", "--project", str(tmp_path),
+                                 "--name", "cli", "--quiet", "--json"])
+    args.func(args)
+    out = json.loads(capsys.readouterr().out)
+    assert {"map50", "map50_95", "epochs", "weights", "onnx", "onnx_max_diff"} <= set(out)
+    assert out["epochs"] == 1 and Path(out["weights"]).is_file() and out["onnx_max_diff"] <= 1e-4
+    assert (tmp_path / "cli" / "model.onnx").is_file()
+
+
+def test_train_help_states_the_real_defaults():
+    import re
+
+    train_parser = _parser()._subparsers._group_actions[0].choices["train"]
+    checked = 0
+    for action in train_parser._actions:
+        m = re.search(r"\(default (\S+)\)", action.help or "")
+        if m and action.dest in TrainConfig.__dataclass_fields__:
+            assert str(TrainConfig.__dataclass_fields__[action.dest].default) == m.group(1), action.dest
+            checked += 1
+    assert checked >= 10
+
+
+def test_data_digits_command(tmp_path, capsys):
+    args = _parser().parse_args(["data", "digits", "--out", str(tmp_path / "d"), "--train", "3", "--val", "2",
+                                 "--imgsz", "192", "--workers", "0", "--quiet"])
+    args.func(args)
+    assert capsys.readouterr().out.strip() == str(tmp_path / "d" / "data.yaml")
+    assert len(list((tmp_path / "d" / "images" / "train").glob("*.png"))) == 3
+    with pytest.raises(NasError):
+        args = _parser().parse_args(["data", "digits", "--out", str(tmp_path / "e"), "--imgsz", "16", "--quiet"])
+        args.func(args)
