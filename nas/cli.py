@@ -134,11 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON object with log10_size and num_ops")
     s.set_defaults(func=cmd_space_info)
 
+    from nas.detect import commands as detect_commands
     from nas.latency import commands as lut_commands
     from nas.search import commands as search_commands
+    from nas import quickstart, report_commands
 
     lut_commands.register(sub)
     search_commands.register(sub)
+    report_commands.register(sub)
+    detect_commands.register(sub)
+    quickstart.register(sub)
     return p
 
 

@@ -15,16 +15,87 @@ from nas.errors import ConfigError
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # config files are small; refuse to parse something huge by mistake
 MAX_DEPTH = 32
+MAX_NODES = 200_000  # values after alias expansion: far above any real config, far below a billion-laughs bomb
+# Integers beyond this come from 0x/0o/0b/sexagesimal literals only; they would break float() and str() downstream.
+MAX_INT_BITS = 256
 
 
-def _depth(obj: Any, level: int = 0) -> int:
-    if level > MAX_DEPTH:
-        return level
-    if isinstance(obj, Mapping):
-        return max((_depth(v, level + 1) for v in obj.values()), default=level + 1)
-    if isinstance(obj, list):
-        return max((_depth(v, level + 1) for v in obj), default=level + 1)
-    return level
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data only) whose bad values (`!!int abc`, `2001-13-45`, a 5000-digit number, `!!int ''`,
+    a `!!timestamp` tag on a mapping) raise a marked YAMLError instead of whatever PyYAML's constructor tripped on."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:  # ValueError, IndexError, AttributeError, ...: PyYAML trusts explicit tags
+            kind = node.tag.rsplit(":", 1)[-1]
+            value = _short(node.value) if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
+            why = f" ({str(e).splitlines()[0].split(';')[0]})" if isinstance(e, ValueError) and str(e) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid {kind} value {value}{why}", node.start_mark) from None
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        if value.bit_length() > MAX_INT_BITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer too large ({_short(node.value)}, more than {MAX_INT_BITS} bits)", node.start_mark)
+        return value
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:int", _SafeLoader.construct_yaml_int)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse alias bombs, self-containing aliases, deep nesting and duplicate keys before anything is constructed.
+
+    Sizes and depths are memoised per node, so this is linear in the file even when aliases would expand
+    exponentially (loaders and dumpers downstream walk the expanded tree).
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    active: set[int] = set()  # nodes on the current path: meeting one again means a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_NODES:
+                raise ConfigError(source, None, f"YAML expands to more than {MAX_NODES} values (aliases repeated "
+                                                "inside aliases?); refusing to load it")
+            if depth[key] > MAX_DEPTH:
+                raise ConfigError(source, None, f"YAML nested deeper than {MAX_DEPTH} levels")
+            continue
+        if key in size:
+            continue
+        if key in active:
+            mark = node.start_mark
+            raise ConfigError(source, None, f"recursive YAML alias at line {mark.line + 1} (a value that contains "
+                                            "itself)")
+        if isinstance(node, yaml.MappingNode):  # PyYAML keeps the last of two equal keys; say so instead
+            seen: set[tuple[str, str]] = set()
+            for k, _ in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if (k.tag, k.value) in seen:
+                        raise ConfigError(source, None, f"duplicate key {_short(k.value)} at line "
+                                                        f"{k.start_mark.line + 1}; which one was meant?")
+                    seen.add((k.tag, k.value))
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node))
 
 
 def parse_yaml(text: str | bytes, source: str = "<string>") -> Any:
@@ -36,20 +107,34 @@ def parse_yaml(text: str | bytes, source: str = "<string>") -> Any:
             raise ConfigError(source, None, f"not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     if not text.strip():
         raise ConfigError(source, None, "file is empty")
+    loader = None
     try:
-        data = yaml.safe_load(text)
+        loader = _SafeLoader(text)  # the reader already rejects control characters such as NUL here
+        node = loader.get_single_node()  # compose only: nothing is built until the node graph is checked
+        if node is None:
+            raise ConfigError(source, None, "file has no YAML content, only comments")
+        _check_nodes(node, source)
+        data = loader.construct_document(node)
     except yaml.constructor.ConstructorError as e:
-        tag = getattr(e, "problem", "") or str(e).splitlines()[0]
-        raise ConfigError(source, None, f"YAML tag not allowed ({tag}); only plain YAML data is accepted") from None
+        problem = getattr(e, "problem", "") or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if "could not determine a constructor" in problem:
+            raise ConfigError(source, None, f"YAML tag not allowed{pos} ({problem}); only plain YAML data is "
+                                            "accepted") from None
+        raise ConfigError(source, None, f"invalid YAML{pos}: {problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         pos = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if getattr(e, "context", None):  # "expected a single document in the stream, but found another document"
+            problem = f"{e.context}, {problem}"
         raise ConfigError(source, None, f"invalid YAML at {pos}{problem}") from None
     except RecursionError:
         raise ConfigError(source, None, "YAML nested too deeply") from None
-    if _depth(data) > MAX_DEPTH:
-        raise ConfigError(source, None, f"YAML nested deeper than {MAX_DEPTH} levels")
+    finally:
+        if loader is not None:
+            loader.dispose()
     return data
 
 
@@ -87,7 +172,9 @@ def check_keys(obj: Mapping, allowed: Iterable[str], source: str, field: str | N
     allowed = list(allowed)
     for key in obj:
         if not isinstance(key, str) or key not in allowed:
-            raise ConfigError(source, join(field, str(key)),
+            # the key is user text: keep the one-line message one line (no newlines, no megabyte keys)
+            shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _short(key)
+            raise ConfigError(source, join(field, shown),
                               f"unknown key{suggest(str(key), allowed)}; valid keys: {', '.join(allowed)}")
 
 
@@ -115,7 +202,10 @@ def read(obj: Mapping, key: str, kind: type | tuple, source: str, field: str | N
     ok = False
     for k in kinds:
         if k is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an integer beyond float range (1e309 written out in digits)
+                raise ConfigError(source, path, f"number too large, got {_short(obj[key])}") from None
             if not math.isfinite(v):
                 raise ConfigError(source, path, f"must be a finite number, got {obj[key]}")
             ok = True

@@ -9,15 +9,20 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 from nas.arch.spec import ACTIVATIONS, ArchSpec, BlockSpec, StageSpec, _check_shapes, make_divisible
 from nas.config import check_keys, join, load_yaml, read, require_mapping, suggest
 from nas.errors import ConfigError
 
+if TYPE_CHECKING:
+    from nas.detect.model import HeadConfig
+    from nas.latency.table import NeckHeadOp
+
 FORMAT = "nas/space@1"
 SEARCH_OPS = ("ib", "convnext", "extra_dw", "ffn", "fused_ib")
 MAX_DEPTH = 12
+MAX_OPS = 200_000  # ops a latency table must measure (the shipped space: ~14k); beyond this, a build takes days
 
 
 class Chooser(Protocol):
@@ -164,6 +169,43 @@ class SearchSpace:
                                             yield b, shape
                 cins, h = st.out, h_out
 
+    def feature_strides(self) -> tuple[int, ...]:
+        """Output stride of each feature stage (the stem halves the input)."""
+        stride, out = 2, {}
+        for st in self.stages:
+            stride *= st.stride
+            out[st.name] = stride
+        return tuple(out[f] for f in self.features)
+
+    def neckhead_ops(self, head: HeadConfig) -> Iterator[NeckHeadOp]:
+        """The detector's neck+head op (nas.latency.table.NeckHeadOp) for every combination of the feature stages'
+        output channels and every resolution: what a table needs for budgets on the whole detector."""
+        import itertools
+
+        from nas.detect.model import STRIDES
+        from nas.latency.table import NeckHeadOp
+
+        if self.feature_strides() != STRIDES:
+            raise ConfigError(self.source, "features",
+                              f"a detector needs three feature stages at strides {', '.join(map(str, STRIDES))}; "
+                              f"{list(self.features)} are at strides {list(self.feature_strides())}")
+        by_name = {st.name: st for st in self.stages}
+        for res in self.resolution:
+            for chans in itertools.product(*(by_name[f].out for f in self.features)):
+                yield NeckHeadOp(head, tuple(chans), res)
+
+    def op_bounds(self) -> dict[str, int]:
+        """Upper bound of the distinct ops per stage ('stem' included), counted without enumerating `ops()`."""
+        n_res = len(self.resolution)
+        out, cins = {"stem": n_res * len(self.stem_out) * len(self.stem_act)}, len(self.stem_out)
+        for st in self.stages:
+            variants = len(st.se) * len(st.act)
+            n = cins * len(st.out) * len(self._block_configs(st, 0)) * variants
+            if max(st.depth) > 1:
+                n += len(st.out) * len(self._block_configs(st, 1)) * variants
+            out[st.name], cins = n * n_res, len(st.out)
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "log10_size": round(self.log10_size(), 2), "num_ops": sum(1 for _ in self.ops()),
                 "parameters": {k: list(v) for k, v in self.parameters().items()}}
@@ -229,12 +271,19 @@ def space_from_dict(d: Any, source: str = "<dict>") -> SearchSpace:
         if stages[-1].stride == 2 and set(stages[-1].ops) == {"ffn"}:
             raise ConfigError(source, join(w, "ops"), "a striding stage needs an op with a depthwise conv, not only ffn")
     feats = _choices(d, "features", str, source, "",
-                     check=lambda f: None if f in names else f"no stage named {f!r}{suggest(f, names)}")
+                     check=lambda f: None if f in names else
+                     f"no stage named that{suggest(f, names)}; stages: {', '.join(names)}")
     space = SearchSpace(name=read(d, "name", str, source, None), resolution=res, stem_out=stem_out, stem_act=stem_act,
                         stages=tuple(stages), features=feats, per_block=read(d, "per_block", bool, source, None, default=True),
                         se_ratio=read(d, "se_ratio", float, source, None, default=0.25,
                                       check=lambda r: None if 0 < r <= 1 else "must be in (0, 1]"),
                         source=source)
+    bounds = space.op_bounds()
+    if sum(bounds.values()) > MAX_OPS:  # `nas space info` and `nas lut build` would enumerate them all
+        worst = max(bounds, key=bounds.get)
+        raise ConfigError(source, worst if worst == "stem" else f"stages.{worst}",
+                          f"the space has up to {sum(bounds.values()):,} ops to measure (limit {MAX_OPS:,}), "
+                          f"{bounds[worst]:,} from here; use fewer choices of out, ops, kernels or expand")
     _check_shapes(space.random(0).with_resolution(min(res)), source)
     return space
 

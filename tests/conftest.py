@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nas.latency.profile import Protocol
@@ -19,6 +20,21 @@ TINY = {
          "act": ["relu"]},
     ],
     "features": ["s1", "s2", "s3"],
+}
+# A tiny space that can feed a detector: features at strides 8, 16, 32.
+DET = {
+    "format": "nas/space@1", "name": "det-tiny", "resolution": [64], "stem": {"out": [8], "act": ["relu"]},
+    "stages": [
+        {"name": "s1", "stride": 2, "depth": [1], "out": [8], "ops": ["ib"], "kernels": [3], "expand": [2.0],
+         "act": ["relu"]},
+        {"name": "s2", "stride": 2, "depth": [1, 2], "out": [16, 24], "ops": ["ib", "convnext"], "kernels": [3],
+         "expand": [2.0], "act": ["relu"]},
+        {"name": "s3", "stride": 2, "depth": [1], "out": [24], "ops": ["ib"], "kernels": [3], "expand": [2.0],
+         "act": ["relu"]},
+        {"name": "s4", "stride": 2, "depth": [1], "out": [32], "ops": ["ib"], "kernels": [3], "expand": [2.0],
+         "act": ["relu"]},
+    ],
+    "features": ["s2", "s3", "s4"],
 }
 # Few repeats: the tests check behaviour, not precision.
 FAST = Protocol(warmup_runs=2, warmup_s=0.0, repeats=5, min_time_s=0.0)
@@ -41,3 +57,13 @@ def tiny_table(tiny_space, tiny_dir) -> LatencyTable:
     t = LatencyTable.new(FAST, "tiny-test", space="tiny")
     t.extend(tiny_space.ops(), path=tiny_dir / "table.csv", progress=False)
     return t
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits made
+    2 threads 10-50x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

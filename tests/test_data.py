@@ -15,7 +15,7 @@ from nas.detect.augment import (AugmentConfig, hflip, hsv_jitter, letterbox, mos
                                 yolo_to_xyxy)
 from nas.detect.data import (DataConfig, LabelWarning, YoloDataset, collate, label_path, load_data_config,
                              parse_label_file)
-from nas.detect.digits import DigitsParams, ensure_digits, generate_digits, load_glyphs, paste_digits
+from nas.detect.digits import DigitsParams, digit_sizes, ensure_digits, generate_digits, load_glyphs, paste_digits
 from nas.errors import ConfigError
 
 TINY = dict(n_train=6, n_val=3, imgsz=64, min_size=8, max_size=24, progress=False, workers=0)
@@ -100,6 +100,20 @@ def test_digits_layout_and_labels_are_valid(tmp_path):
             assert problems == [] and 1 <= len(labels) <= 6
             x1y1x2y2 = yolo_to_xyxy(labels, 64, 64)
             assert (x1y1x2y2[:, 1:] >= -1e-4).all() and (x1y1x2y2[:, 1:] <= 64 + 1e-4).all()
+
+
+def test_digit_sizes_default_fits_the_image_size(tmp_path):
+    assert digit_sizes(320) == digit_sizes(192) == (16, 96)  # the sizes every DigitsDet so far was made with
+    assert digit_sizes(128) == (16, 64) and digit_sizes(20) == (10, 10) and digit_sizes(128, max_size=12) == (12, 12)
+    assert digit_sizes(128, 20, 30) == (20, 30)
+    # library callers get the same default as `nas data digits`: 128 px works without choosing sizes
+    yaml_path = generate_digits(tmp_path / "d", 4, 0, imgsz=128, progress=False, workers=0)
+    manifest = (tmp_path / "d" / "digitsdet.json").read_text()
+    assert '"min_size": 16' in manifest and '"max_size": 64' in manifest
+    heights = [float(line.split()[4]) for f in (tmp_path / "d" / "labels").rglob("*.txt")
+               for line in f.read_text().splitlines()]
+    assert heights and max(heights) <= 0.5
+    assert ensure_digits(tmp_path / "d", 4, 0, imgsz=128, progress=False) == yaml_path  # same params: reused
 
 
 def test_pasted_digits_match_their_boxes_exactly():

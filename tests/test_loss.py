@@ -187,15 +187,6 @@ def _preds(batch: int, nc: int, imgsz: int, reg_max: int = 16, seed: int = 0) ->
     ]
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors: intra-op thread hand-offs cost more than the maths, badly so on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_loss_decreases_when_fitting_a_prediction_tensor(one_thread):
     torch.manual_seed(0)
     nc, imgsz = 3, 64

@@ -3,7 +3,6 @@ import math
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
@@ -19,7 +18,7 @@ from nas.search.study import make_storage, mask_url, run
 def _exp(tiny_dir, tiny_table, tmp_path, **kw):
     d = {"format": "nas/experiment@1", "name": "t", "space": str(tiny_dir / "space.yaml"),
          "table": str(tiny_table.path), "budget_ms": _median_budget(tiny_dir, tiny_table), "mode": "constraint",
-         "sampler": "tpe", "trials": 6, "evaluator": {"kind": "proxy", "proxy": "params", "resolution": 64},
+         "scope": "backbone", "sampler": "tpe", "trials": 6, "evaluator": {"kind": "proxy", "proxy": "params", "resolution": 64},
          "output": str(tmp_path / "runs")}
     d.update(kw)
     return experiment_from_dict(d, "exp.yaml")
@@ -118,6 +117,23 @@ def test_failed_candidates_are_recorded_and_the_study_goes_on(tiny_dir, tiny_tab
     assert any("out of memory" in r for r in reasons) and any("score is nan" in r for r in reasons)
 
 
+def test_a_cause_that_fails_every_candidate_stops_the_search(tiny_dir, tiny_table, tmp_path, monkeypatch, capsys):
+    from nas.errors import NasError
+    from nas.search import objective
+    from nas.search.study import MAX_FAILED_IN_A_ROW
+
+    def broken(self, arch, trial):
+        raise RuntimeError("data set missing (simulated)")
+
+    monkeypatch.setattr(objective.Objective, "evaluate", broken)
+    exp = _exp(tiny_dir, tiny_table, tmp_path, mode="mnas", trials=4, sampler="random")
+    with pytest.raises(NasError, match="in a row failed, the last with: RuntimeError: data set missing"):
+        run(exp, progress=True)
+    study = _study(exp)
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == MAX_FAILED_IN_A_ROW
+    assert "trial    0" in capsys.readouterr().err  # the live line per trial
+
+
 def _postgres_url():
     try:
         socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
@@ -173,7 +189,7 @@ def test_search_command_line(tiny_dir, tiny_table, tmp_path):
         "format": "nas/experiment@1", "name": "cli", "space": str(tiny_dir / "space.yaml"), "table": str(tiny_table.path),
         "budget_ms": 100.0, "trials": 3, "evaluator": {"kind": "proxy", "proxy": "macs"}, "output": "runs"}))
     r = subprocess.run([sys.executable, "-m", "nas", "search", str(exp), "--quiet", "--trials", "4", "--sampler", "random",
-                        "--json"], capture_output=True, text=True, cwd=tmp_path)
+                        "--budget-scope", "backbone", "--json"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     import json
 

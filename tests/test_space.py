@@ -50,7 +50,7 @@ def test_optuna_parameters_are_fixed(space):
     names = None
     for _ in range(5):
         trial = study.ask()
-        arch = space.sample(trial_chooser(trial), name=f"t{trial.number}")
+        space.sample(trial_chooser(trial), name=f"t{trial.number}")
         study.tell(trial, 0.0)
         assert set(trial.params) == set(space.parameters())
         names = names or list(trial.params)

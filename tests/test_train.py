@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = "mobilenet_v3_small_100"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits make
-    2 threads 10-50x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("digits")
@@ -195,3 +185,105 @@ def test_data_digits_command(tmp_path, capsys):
     with pytest.raises(NasError):
         args = _parser().parse_args(["data", "digits", "--out", str(tmp_path / "e"), "--imgsz", "16", "--quiet"])
         args.func(args)
+
+
+def test_nas_command_line_trains_and_generates_digits(digits, tmp_path, capsys):
+    from nas.cli import build_parser, main
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"train", "data"} <= set(commands)
+    assert main(["train", "zoo:mobilenet_v4_conv_small", "--data", digits, "--epochs", "1", "--imgsz", "64",
+                 "--batch", "8", "--workers", "0", "--neck", "dw", "--project", str(tmp_path), "--name", "cli",
+                 "--threads", "1", "--no-onnx", "--quiet", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"map50", "map50_95", "epochs", "weights"} <= set(out) and "onnx" not in out
+    assert out["epochs"] == 1 and Path(out["weights"]).is_file() and 0 <= out["map50_95"] <= out["map50"] <= 1
+    # user errors: one line on stderr, exit code 2
+    assert main(["train", "--project", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("nas: error: nas train: ARCH: give an arch YAML")
+    # small images get digit sizes that fit (the 16-96 px default needs 192 px images)
+    assert main(["data", "digits", "--out", str(tmp_path / "d"), "--train", "2", "--val", "1", "--imgsz", "128",
+                 "--workers", "0", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "d" / "data.yaml")
+    heights = [float(line.split()[4]) for f in (tmp_path / "d" / "labels").rglob("*.txt")
+               for line in f.read_text().splitlines()]
+    assert heights and max(heights) <= 0.5
+
+
+def test_channels_last_trains_the_same_and_saves_standard_checkpoints(digits, tmp_path):
+    runs = {cl: train(tiny(digits, tmp_path, epochs=1, name=f"cl{cl}", channels_last=cl, tensorboard=False))
+            for cl in (True, False)}
+    loss = {cl: [r.history[0][f"train/{n}"] for n in ("box_loss", "cls_loss", "dfl_loss")] for cl, r in runs.items()}
+    assert loss[True] == pytest.approx(loss[False], rel=1e-3)  # a layout change, not a different computation
+    ckpt = load_checkpoint(runs[True].last)
+    for key in ("model", "ema"):
+        assert all(v.is_contiguous() for v in ckpt[key].values()), key
+    model = load_detector(runs[True].last)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert model(torch.rand(1, 3, 96, 96)).is_contiguous()
+    assert train_mod.resolve_channels_last(None, torch.device("cpu"))
+    assert not train_mod.resolve_channels_last(None, torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match="channels_last"):
+        train(tiny(digits, tmp_path, channels_last="yes"))
+
+
+def test_time_limit_replans_epochs_and_ends_after_the_budget(digits, tmp_path):
+    cfg = TrainConfig(epochs=50, time_limit_s=100.0)
+    assert train_mod.planned_epochs(cfg, []) == 50  # nothing measured yet: the cap
+    assert train_mod.planned_epochs(cfg, [10.0, 30.0]) == 5  # mean 20 s: 5 epochs fit
+    assert train_mod.planned_epochs(cfg, [60.0, 70.0]) == 2  # over budget: what is done
+    assert train_mod.planned_epochs(cfg, [0.5]) == 50
+    assert train_mod.planned_epochs(TrainConfig(epochs=7), [1e3]) == 7  # no limit
+    # a budget smaller than one epoch: one epoch, evaluated although val_interval would skip it
+    r = train(tiny(digits, tmp_path, epochs=5, name="budget", time_limit_s=1e-3, val_interval=3, tensorboard=False))
+    assert r.epochs == 1 and len(r.history) == 1 and 0 <= r.map50_95 <= r.map50 <= 1
+    with pytest.raises(NasError, match="already finished"):
+        train(TrainConfig(project=str(tmp_path), name="budget", resume=True, workers=0, progress=False))
+    with pytest.raises(ConfigError, match="time_limit_s"):
+        train(tiny(digits, tmp_path, time_limit_s=0))
+
+
+def _bad_label_set(root: Path) -> tuple[str, Path]:
+    from PIL import Image
+
+    for split, names in (("train", ("a", "b")), ("val", ("c",))):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for n in names:
+            Image.new("RGB", (64, 64), (90, 90, 90)).save(root / "images" / split / f"{n}.png")
+            (root / "labels" / split / f"{n}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    bad = root / "labels" / "train" / "b.txt"
+    bad.write_text("0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2\n")  # line 2: four values
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [x, y]\n")
+    return str(root / "data.yaml"), bad
+
+
+def test_strict_stops_at_the_first_bad_label_line(tmp_path, capsys):
+    from nas.cli import main
+    from nas.detect.data import LabelWarning
+
+    data, bad = _bad_label_set(tmp_path / "bad")
+    with pytest.raises(ConfigError, match=f"{bad}:2: expected 5 values"):
+        train(tiny(data, tmp_path, epochs=1, imgsz=64, strict=True))
+    assert main(["train", f"zoo:{ARCH}", "--data", data, "--strict", "--project", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nas: error: {bad}:2: expected 5 values") and err.count("\n") == 1
+    # without strict: skipped with one warning, training runs
+    with pytest.warns(LabelWarning, match="skipped 1 bad label line"):
+        assert train(tiny(data, tmp_path, epochs=1, imgsz=64, batch=2, name="lenient", tensorboard=False)).epochs == 1
+
+
+def test_train_command_passes_fast_path_strict_and_time_limit(monkeypatch):
+    seen = []
+
+    def fake_train(cfg, on_epoch=None):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    for extra, want in (([], (None, False, None)), (["--no-channels-last", "--strict", "--time-limit", "90"],
+                                                     (False, True, 90.0)), (["--channels-last"], (True, False, None))):
+        args = _parser().parse_args(["train", f"zoo:{ARCH}", "--quiet", *extra])
+        with pytest.raises(Stop):
+            args.func(args)
+        assert (seen[-1].channels_last, seen[-1].strict, seen[-1].time_limit_s) == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from nas.detect.model import Detector
 from nas.errors import NasError
 
 FORMAT = "nas/checkpoint@1"
+META_KEYS = ("arch_yaml", "num_classes", "neck", "width", "depth", "reg_max")  # what detector_from_meta reads
 
 
 def model_meta(model: Detector, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -63,15 +65,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise NasError(f"{p}: checkpoint not found")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on raw pickles would break the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        globals_ = [ln for ln in lines if "Unsupported global" in ln]
-        if not globals_:  # not even a pickle of known opcodes: garbage or truncated
+        # "Unsupported global: GLOBAL x.y" (zip checkpoints) or "unsupported GLOBAL posix.system" (legacy/raw pickles)
+        globals_ = [ln for ln in lines if "global" in ln.lower() and "unsupported" in ln.lower()]
+        with p.open("rb") as f:
+            raw_pickle = f.read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+        if not globals_ and not raw_pickle:  # not even a pickle of known opcodes: garbage or truncated
             raise NasError(f"{p}: not a readable checkpoint (corrupt, truncated or not written by torch.save)"
                            ) from None
+        detail = f"weights_only=True said: {globals_[0]}" if globals_ else "a raw pickle stream, not a torch.save file"
         raise NasError(f"{p}: refused to load: the file contains pickled Python objects, which could run code "
-                       f"(weights_only=True said: {globals_[0]}). Only checkpoints written by `nas train` are "
+                       f"({detail}). Only checkpoints written by `nas train` are "
                        "accepted; retrain, or re-save the state_dict from a trusted session") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise NasError(f"{p}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -79,6 +87,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         tag = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NasError(f"{p}: not a nas checkpoint (expected format {FORMAT!r}, got {tag!r})")
+    # weights_only stops code, not nonsense: a hand-edited file must fail here, not as a KeyError deep in a caller
+    meta = ckpt.get("meta")
+    missing = [k for k in ("model", "meta") if not isinstance(ckpt.get(k), dict)]
+    missing += [f"meta.{k}" for k in META_KEYS if isinstance(meta, dict) and k not in meta]
+    if missing:
+        raise NasError(f"{p}: damaged nas checkpoint: missing or not a mapping: {', '.join(missing)}")
     return ckpt
 
 

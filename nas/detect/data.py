@@ -72,6 +72,21 @@ def _names(obj: Mapping, source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _expand(text: str) -> Path:
+    """`~/x` -> home/x; `~name/x` for a user this machine doesn't know stays literal (and is then reported as not
+    found) instead of raising RuntimeError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
+def _show(p: Path) -> str:
+    """A path from the YAML as one printable line (quoted when it holds newlines or control characters)."""
+    text = str(p)
+    return text if text.isprintable() else repr(text)
+
+
 def _split_entries(obj: Mapping, key: str, root: Path, source: str, required: bool) -> tuple[Path, ...]:
     raw = read(obj, key, (str, list), source, None, default=MISSING if required else None)
     if raw is None:
@@ -84,16 +99,16 @@ def _split_entries(obj: Mapping, key: str, root: Path, source: str, required: bo
         field = key if isinstance(raw, str) else f"{key}[{i}]"
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(source, field, f"expected a path, got {type_name(item)}")
-        p = Path(item).expanduser()
+        p = _expand(item)
         p = p if p.is_absolute() else root / p
         if p.is_dir() or (p.is_file() and p.suffix.lower() == ".txt"):
             out.append(p)
         elif p.is_file():
-            raise ConfigError(source, field, f"{p} is a {p.suffix or 'plain'} file; expected a folder of images "
-                                             "or a .txt list of image paths")
+            raise ConfigError(source, field, f"{_show(p)} is a {p.suffix or 'plain'} file; expected a folder of "
+                                             "images or a .txt list of image paths")
         else:
-            raise ConfigError(source, field, f"not found: {p} (relative to path: {root}); expected a folder such "
-                                             f"as images/{key} or a .txt list of image paths")
+            raise ConfigError(source, field, f"not found: {_show(p)} (relative to path: {_show(root)}); expected a "
+                                             f"folder such as images/{key} or a .txt list of image paths")
     return tuple(out)
 
 
@@ -112,10 +127,11 @@ def load_data_config(path: str | Path) -> DataConfig:
         raise ConfigError(source, "nc", f"{nc} disagrees with the {len(names)} entries of names; fix or remove nc")
     base = Path(path).resolve().parent
     root_text = read(obj, "path", str, source, None, default=".")
-    root = Path(root_text).expanduser()
+    root = _expand(root_text)
     root = root if root.is_absolute() else (base / root)
     if not root.is_dir():
-        raise ConfigError(source, "path", f"folder not found: {root} (a relative path starts at the YAML's folder)")
+        raise ConfigError(source, "path", f"folder not found: {_show(root)} (a relative path starts at the YAML's "
+                                          "folder)")
     train = _split_entries(obj, "train", root, source, True)
     val = _split_entries(obj, "val", root, source, True)
     test = _split_entries(obj, "test", root, source, False)
@@ -203,11 +219,16 @@ def list_images(entries: tuple[Path, ...]) -> tuple[list[Path], list[LabelProble
         if entry.is_dir():
             files += sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             continue
-        for number, line in enumerate(entry.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = entry.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # the whole split hangs on this list: stop rather than skip it
+            raise ConfigError(str(entry), None, f"not UTF-8 text (byte {e.start}); an image list is one path per "
+                                                "line") from None
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line:
                 continue
-            p = Path(line).expanduser()
+            p = _expand(line)
             p = p if p.is_absolute() else entry.parent / p
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 problems.append(LabelProblem(entry, number, f"not an image ({', '.join(IMAGE_SUFFIXES)}): {line}"))
@@ -238,7 +259,7 @@ def _report(problems: list[LabelProblem], where: str) -> None:
     shown = "; ".join(str(p) for p in problems[:SHOWN_PROBLEMS])
     more = f"; ... {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
     warnings.warn(f"{where}: skipped {len(problems)} bad label line(s) in {files} file(s): {shown}{more} "
-                  "(strict=True stops at the first)", LabelWarning, stacklevel=3)
+                  "(strict=True or nas train --strict stops at the first)", LabelWarning, stacklevel=3)
 
 
 class YoloDataset(torch.utils.data.Dataset):

@@ -25,6 +25,7 @@ VAL_GLYPH_FRACTION = 0.2
 MAX_OVERLAP = 0.15     # intersection over the smaller box allowed between two digits
 CHUNK = 50            # images per task when several processes generate
 NAMES = tuple(str(d) for d in range(10))
+SIZE_RANGE = (16, 96)  # default digit heights in pixels, where the image is large enough (imgsz >= 192)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ class DigitsParams:
                                   f"{self.max_size} at imgsz {self.imgsz}")
         if not 1 <= self.max_digits <= 50:
             raise bad("max_digits", f"must be in 1..50, got {self.max_digits}")
+
+
+def digit_sizes(imgsz: int, min_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
+    """The digit height range (min, max) in pixels for `imgsz`: the given values, else SIZE_RANGE capped at imgsz/2
+    (the largest digit that fits with room to place it), so small images such as 128 px work without choosing
+    sizes. Both None at imgsz >= 192 gives 16-96, the sizes every DigitsDet so far was made with."""
+    hi = max_size if max_size is not None else min(SIZE_RANGE[1], imgsz // 2)
+    lo = min_size if min_size is not None else max(8, min(SIZE_RANGE[0], hi))
+    return lo, hi
 
 
 def load_glyphs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -196,13 +206,13 @@ def _write_chunk(task: tuple) -> int:
 
 
 def generate_digits(out_dir: str | Path, n_train: int = 1000, n_val: int = 200, imgsz: int = 320, seed: int = 0,
-                    *, min_size: int = 16, max_size: int = 96, max_digits: int = 6, progress: bool = True,
-                    workers: int | None = None) -> Path:
+                    *, min_size: int | None = None, max_size: int | None = None, max_digits: int = 6,
+                    progress: bool = True, workers: int | None = None) -> Path:
     """Write DigitsDet to out_dir (images/{train,val}/*.png, labels/{train,val}/*.txt, data.yaml) and return
     the data YAML's path. Same parameters => byte-identical files. Replaces an earlier DigitsDet in out_dir;
-    refuses a folder that holds some other dataset. `workers` processes (default: CPU count, at most 8; 0 or 1 =
-    in this process) share the work without changing the output."""
-    params = DigitsParams(n_train, n_val, imgsz, seed, min_size, max_size, max_digits)
+    refuses a folder that holds some other dataset. Digit heights default to `digit_sizes(imgsz)`. `workers`
+    processes (default: usable CPUs, at most 8; 0 or 1 = in this process) share the work without changing the output."""
+    params = DigitsParams(n_train, n_val, imgsz, seed, *digit_sizes(imgsz, min_size, max_size), max_digits)
     params.check()
     root = Path(out_dir).expanduser().resolve()
     ours = (_read_manifest(root) or {}).get("generator") == GENERATOR
@@ -224,7 +234,8 @@ def generate_digits(out_dir: str | Path, n_train: int = 1000, n_val: int = 200, 
     tasks = [(root, params, split, start, min(start + CHUNK, count), *pools[split])
              for split, count in (("train", n_train), ("val", n_val)) for start in range(0, count, CHUNK)]
     if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cpus, 8)  # the CPUs this process may use (taskset), not the machine's
     bar = tqdm(total=n_train + n_val, desc="DigitsDet", unit="img", disable=not progress)
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
@@ -251,11 +262,11 @@ def _write_yaml(root: Path, params: DigitsParams) -> None:
 
 
 def ensure_digits(root: str | Path, n_train: int = 1000, n_val: int = 200, imgsz: int = 320, seed: int = 0,
-                  *, min_size: int = 16, max_size: int = 96, max_digits: int = 6, progress: bool = True,
-                  workers: int | None = None) -> Path:
+                  *, min_size: int | None = None, max_size: int | None = None, max_digits: int = 6,
+                  progress: bool = True, workers: int | None = None) -> Path:
     """The data YAML of DigitsDet in `root`, generating it only when missing, incomplete or made with other
     parameters (a cheap check of the manifest and file counts). A moved folder just gets its data.yaml rewritten."""
-    params = DigitsParams(n_train, n_val, imgsz, seed, min_size, max_size, max_digits)
+    params = DigitsParams(n_train, n_val, imgsz, seed, *digit_sizes(imgsz, min_size, max_size), max_digits)
     params.check()
     path = Path(root).expanduser().resolve()
     manifest = _read_manifest(path) or {}
@@ -270,5 +281,5 @@ def ensure_digits(root: str | Path, n_train: int = 1000, n_val: int = 200, imgsz
         if not isinstance(current, dict) or current.get("path") != str(path):
             _write_yaml(path, params)
         return path / "data.yaml"
-    return generate_digits(path, n_train, n_val, imgsz, seed, min_size=min_size, max_size=max_size,
+    return generate_digits(path, n_train, n_val, imgsz, seed, min_size=params.min_size, max_size=params.max_size,
                            max_digits=max_digits, progress=progress, workers=workers)

@@ -13,9 +13,9 @@ from nas.arch.backbone import build_backbone
 from nas.arch.blocks import C2f, ConvBN
 from nas.arch.spec import ACTIVATIONS, ArchSpec
 from nas.detect.postprocess import decode
+from nas.detect.head import NECKS, HeadConfig
 from nas.errors import ConfigError
 
-NECKS = ("yolov8", "dw")
 STRIDES = (8, 16, 32)
 MAX_CHANNELS = 1024  # ultralytics' max_channels for the n/s scales
 
@@ -127,6 +127,29 @@ class DetectHead(nn.Module):
         return [torch.cat((b(x), c(x)), 1) for x, b, c in zip(feats, self.box, self.cls)]
 
 
+def build_neck_head(in_channels: list[int], num_classes: int, neck: str, width: float, depth: float, reg_max: int,
+                    act: str) -> tuple[nn.Module, DetectHead]:
+    neck_cls = YoloV8Neck if neck == "yolov8" else DepthwiseNeck
+    neck_module = neck_cls(list(in_channels), width, depth, act)
+    return neck_module, DetectHead(neck_module.out_channels, num_classes, reg_max, act)
+
+
+class NeckHead(nn.Module):
+    """Neck + head + box decoding as one module: (P3, P4, P5) -> decoded (B, A, 4+nc), exactly the part of a
+    Detector's eval forward after the backbone. A latency table times it as one op, so backbone + this = detector."""
+
+    def __init__(self, in_channels: list[int] | tuple[int, ...], cfg: HeadConfig, reg_max: int = 16,
+                 act: str = "silu"):
+        super().__init__()
+        self.reg_max = reg_max
+        self.neck, self.head = build_neck_head(list(in_channels), cfg.num_classes, cfg.neck, cfg.width, cfg.depth,
+                                               reg_max, act)
+        self.head.init_bias(STRIDES)
+
+    def forward(self, p3: Tensor, p4: Tensor, p5: Tensor) -> Tensor:
+        return decode(self.head(self.neck([p3, p4, p5])), STRIDES, self.reg_max)
+
+
 class Detector(nn.Module):
     """backbone -> neck -> head. `forward` returns raw level maps (B, 4*reg_max+nc, H, W) in training mode and
     decoded (B, A, 4+nc) detections (xyxy pixels, class probabilities) in eval mode.
@@ -142,9 +165,8 @@ class Detector(nn.Module):
         self.neck_name, self.width, self.depth, self.act = neck, width, depth, act
         self.strides = STRIDES
         self.backbone = build_backbone(arch)
-        neck_cls = YoloV8Neck if neck == "yolov8" else DepthwiseNeck
-        self.neck = neck_cls(list(self.backbone.out_channels), width, depth, act)
-        self.head = DetectHead(self.neck.out_channels, num_classes, reg_max, act)
+        self.neck, self.head = build_neck_head(list(self.backbone.out_channels), num_classes, neck, width, depth,
+                                               reg_max, act)
         self.head.init_bias(self.strides)
 
     def forward(self, x: Tensor) -> list[Tensor] | Tensor:
@@ -154,6 +176,15 @@ class Detector(nn.Module):
         if self.training:
             return preds
         return decode(preds, self.strides, self.reg_max)
+
+
+def detector_cost(arch: ArchSpec, head: HeadConfig, imgsz: int) -> tuple[int, int]:
+    """(params, MACs) of the whole detector at imgsz (MACs as nas.arch.cost counts them), on the meta device."""
+    from nas.arch.cost import _macs, count_params
+
+    with torch.device("meta"):
+        model = Detector(arch, head.num_classes, neck=head.neck, width=head.width, depth=head.depth).eval()
+    return count_params(model), _macs(model, torch.empty(1, arch.channels, imgsz, imgsz, device="meta"))[0]
 
 
 def check_detector_args(arch: ArchSpec, num_classes: int, neck: str, width: float, depth: float,

@@ -14,20 +14,42 @@ def _protocol(args: argparse.Namespace):
     from nas.latency.profile import Protocol
 
     return Protocol(backend=args.backend, threads=args.threads, batch=args.batch, repeats=args.repeats,
-                    min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu)
+                    min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu,
+                    reference=args.reference)
+
+
+def _head(args: argparse.Namespace):
+    """The detector head config of --neck/--width/--depth/--classes (None without --detector)."""
+    from nas.detect.model import HeadConfig
+
+    if not getattr(args, "detector", False):
+        return None
+    try:
+        return HeadConfig(args.neck, args.width, args.depth, args.classes)
+    except ConfigError as e:
+        flag = {"num_classes": "--classes"}.get(e.field, f"--{e.field}")
+        raise ConfigError("command line", flag, e.message) from None
 
 
 def _ops_from(args: argparse.Namespace) -> list:
-    """Ops of --space and/or --arch files."""
+    """Ops of --space and/or --arch files; with --detector also their neck+head ops."""
     from nas.cli import _arch_source
-    from nas.latency.table import arch_ops
+    from nas.latency.table import arch_ops, neckhead_op
     from nas.space import load_space
 
-    ops = []
+    head = _head(args)
+    ops: list = []
     for s in args.space or []:
-        ops.extend(load_space(s).ops())
+        space = load_space(s)
+        ops.extend(space.ops())
+        if head is not None:
+            ops.extend(space.neckhead_ops(head))
     for a in args.arch or []:
-        ops.extend((b, sh) for _, b, sh in arch_ops(_arch_source(a)))
+        for arch in [_arch_source(a)] if not args.resolution else [_arch_source(a).with_resolution(r)
+                                                                   for r in args.resolution]:
+            ops.extend((b, sh) for _, b, sh in arch_ops(arch))
+            if head is not None:
+                ops.append(neckhead_op(arch, head))
     if not ops:
         raise ConfigError("command line", "--space/--arch", "name at least one search space or arch to cover")
     return ops
@@ -43,9 +65,9 @@ def cmd_build(args: argparse.Namespace) -> None:
     ops = _ops_from(args)
     table = LatencyTable.new(protocol, name=args.name or out.stem,
                              space=", ".join(str(s) for s in args.space or []) or None)
-    from nas.latency.table import op_key
+    from nas.latency.table import key_of
 
-    print(f"measuring {len({op_key(b, s) for b, s in ops})} ops ({protocol.describe()}) into {out}", file=sys.stderr)
+    print(f"measuring {len({key_of(op) for op in ops})} ops ({protocol.describe()}) into {out}", file=sys.stderr)
     n = table.extend(ops, path=out, progress=not args.quiet)
     print(f"{out}: {n} ops measured, {len(table.entries)} in the table")
 
@@ -70,12 +92,15 @@ def cmd_show(args: argparse.Namespace) -> None:
         arch = _arch_source(args.arch)
         if args.resolution:
             arch = arch.with_resolution(args.resolution)
-        pred = table.predict(arch)
+        head = _head(args)
+        pred = table.predict(arch, head)
         if args.json:
-            print(json.dumps({"arch": arch.name, "predicted_ms": pred.total_ms,
+            print(json.dumps({"arch": arch.name, "scope": "detector" if head else "backbone",
+                              "predicted_ms": pred.total_ms,
                               "blocks": [{"block": b, "op": k, "us": us} for b, k, us in pred.blocks]}, indent=2))
             return
-        print(f"{arch.name} at {arch.resolution}px on {table.name}: {pred.total_ms:.3f} ms predicted")
+        what = f"detector ({head.neck} neck, {head.num_classes} classes)" if head else "backbone"
+        print(f"{arch.name} {what} at {arch.resolution}px on {table.name}: {pred.total_ms:.3f} ms predicted")
         for b, k, us in pred.blocks:
             print(f"  {b:7s} {us / 1e3:8.3f} ms  {k}")
         return
@@ -99,17 +124,28 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.extend:
         from nas.latency.table import arch_ops
 
-        table.extend([(b, s) for a in archs for _, b, s in arch_ops(a)], path=args.table, progress=not args.quiet)
-    report = validate(table, archs, progress=not args.quiet)
+        head = _head(args)
+        ops = [(b, s) for a in archs for _, b, s in arch_ops(a)]
+        if head is not None:
+            from nas.latency.table import neckhead_op
+
+            ops += [neckhead_op(a, head) for a in archs]
+        table.extend(ops, path=args.table, progress=not args.quiet)
+    import dataclasses
+
+    # End-to-end runs are few and long: time more of them than a table entry (binding fields unchanged).
+    protocol = dataclasses.replace(table.protocol, repeats=args.repeats, min_time_s=args.min_time)
+    report = validate(table, archs, protocol, progress=not args.quiet, head=_head(args))
     paths = write_report(report, args.out)
     s = report.summary()
     if args.json:
         print(json.dumps(s, indent=2))
         return
-    print(f"{report.n} architectures from {args.space}, {report.protocol}")
+    what = "detectors (backbone + neck+head)" if _head(args) else "architectures"
+    print(f"{report.n} {what} from {args.space}, {report.protocol}")
     print(f"{'predictor':22s} {'MAPE':>7s} {'±5%':>6s} {'±10%':>6s} {'tau':>6s} {'rho':>6s} {'bias':>7s}")
     for name, acc in (("lookup table (sum)", report.lut), ("linear MACs+params", report.flops),
-                      ("table, calibrated*", report.calibrated)):
+                      ("table, calibrated*", report.calibrated), ("table vs raw runs**", report.raw)):
         if acc is not None:
             print(f"{name:22s} {acc.mape:6.1f}% {acc.within_5:6.2f} {acc.within_10:6.2f} {acc.kendall_tau:6.2f} "
                   f"{acc.spearman_rho:6.2f} {acc.bias:+6.1f}%")
@@ -117,14 +153,17 @@ def cmd_validate(args: argparse.Namespace) -> None:
         c = report.calibration
         print(f"* measured = {c.scale:.3f} x predicted + {c.offset_us / 1e3:.3f} ms, fitted on the first {c.fitted_on} "
               f"architectures, scored on the other {report.n - c.fitted_on}")
+    if report.raw:
+        print("** measured times not normalised by the reference workload timed alongside them (machine-speed drift "
+              "left in)")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def cmd_template(args: argparse.Namespace) -> None:
     """The op list a device must measure, for tables built where this machine can't reach."""
-    from nas.latency.table import op_key
+    from nas.latency.table import key_of
 
-    keys = sorted({op_key(b, s) for b, s in _ops_from(args)})
+    keys = sorted({key_of(op) for op in _ops_from(args)})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -147,7 +186,11 @@ def cmd_import(args: argparse.Namespace) -> None:
     table = import_csv(args.csv, header)
     from nas.latency.table import LatencyTable
 
-    LatencyTable.loads(table.dumps(), str(args.header))  # the result must load like any table
+    try:
+        LatencyTable.loads(table.dumps(), str(args.header))  # the result must load like any table
+    except ConfigError as e:  # the entries were checked above: a problem here is in the header file's own fields
+        field = (e.field or "").removeprefix("header").removeprefix(".") or None
+        raise ConfigError(str(args.header), field, e.message) from None
     table.save(args.out)
     print(f"{args.out}: {len(table.entries)} ops imported from {args.csv}")
 
@@ -161,16 +204,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--backend", default="torch-cpu", help="torch-cpu | onnxruntime-cpu | torch-cuda (default torch-cpu)")
         g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
         g.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-        g.add_argument("--repeats", type=int, default=15, help="minimum timed runs per op (default 15)")
-        g.add_argument("--min-time", type=float, default=0.03, help="minimum timed seconds per op (default 0.03)")
+        g.add_argument("--repeats", type=int, default=20, help="minimum timed runs per op (default 20)")
+        g.add_argument("--min-time", type=float, default=0.04, help="minimum timed seconds per op (default 0.04)")
         g.add_argument("--warmup", type=int, default=3, help="minimum warm-up runs (default 3)")
         g.add_argument("--warmup-time", type=float, default=0.01, help="minimum warm-up seconds (default 0.01)")
         g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
+        g.add_argument("--no-reference", dest="reference", action="store_false",
+                       help="don't time the reference workload alongside each op (no drift normalisation)")
+
+    def detector(p: argparse.ArgumentParser, what: str) -> None:
+        from nas.detect.head import NECKS, HeadConfig
+
+        d = HeadConfig()
+        g = p.add_argument_group("whole detector")
+        g.add_argument("--detector", action="store_true", help=what)
+        g.add_argument("--neck", choices=NECKS, default=d.neck, help=f"neck type (default {d.neck})")
+        g.add_argument("--width", type=float, default=d.width, help=f"neck width multiplier (default {d.width})")
+        g.add_argument("--depth", type=float, default=d.depth, help=f"neck depth multiplier (default {d.depth})")
+        g.add_argument("--classes", type=int, default=d.num_classes,
+                       help=f"classes the head predicts (default {d.num_classes}, DigitsDet)")
 
     def covering(p: argparse.ArgumentParser) -> None:
         p.add_argument("--space", action="append", type=Path, help="search space YAML whose ops to cover (repeatable)")
         p.add_argument("--arch", action="append", help="arch YAML or zoo:NAME whose ops to cover (repeatable)")
+        p.add_argument("--resolution", action="append", type=int,
+                       help="cover each --arch at this input resolution instead of its own (repeatable)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        detector(p, "also the detector's neck+head op for every feature-channel combination and resolution of "
+                    "each space (and for each arch): what budgets on the whole detector need")
 
     p = lut.add_parser("build", help="measure every op of a space (and/or archs) into a new table")
     p.add_argument("--out", required=True, help="table file to write (e.g. latency_tables/cpu_torch_fp32_t1.csv)")
@@ -190,6 +251,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="arch YAML or zoo:NAME to predict")
     p.add_argument("--resolution", type=int, help="predict at this input resolution")
     p.add_argument("--json", action="store_true")
+    detector(p, "predict the whole detector: backbone + the neck+head op")
     p.set_defaults(func=cmd_show)
 
     p = lut.add_parser("validate", help="predicted vs measured end-to-end latency on sampled architectures")
@@ -199,8 +261,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/lut-validate", help="folder for the CSV, PNG and TensorBoard events")
     p.add_argument("--extend", action="store_true", help="measure ops the table is missing first")
+    p.add_argument("--repeats", type=int, default=30, help="minimum timed runs per architecture (default 30)")
+    p.add_argument("--min-time", type=float, default=0.3, help="minimum timed seconds per architecture (default 0.3)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    detector(p, "validate whole detectors: backbone + the neck+head op against the Detector measured end to end")
     p.set_defaults(func=cmd_validate)
 
     p = lut.add_parser("template", help="CSV of the ops to measure on another device (for `nas lut import`)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
 import datetime
 import gc
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError, NasError
+from nas.heap import retain_heap as _retain_heap
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -37,6 +37,7 @@ STATISTICS = ("median", "mean", "min")
 ONNX_EXPORTERS = ("torchscript", "dynamo")
 
 Shape = Sequence[int]
+Shapes = tuple[tuple[int, ...], ...]  # one shape per input of the module
 _SOURCE = "latency protocol"
 
 
@@ -61,6 +62,10 @@ class Protocol:
     `retain_heap` (glibc only) stops malloc from handing freed memory back to the OS, process-wide and for good:
     otherwise every call page-faults its big tensors back in, and which calls do depends on allocation history
     (a 3x3 depthwise conv, 64 ch at 80x80, torch-cpu: 2.5-3.7 ms with glibc defaults, 0.24 ms retained).
+    `reference` (CPU backends) times a fixed reference workload (`reference_module`) before every timed call: its
+    median, stored with the result, tells how fast the machine was during that measurement, so numbers taken
+    minutes apart on a machine whose speed drifts 10-20% can be put on one scale (`Measurement.normalised`). It also
+    evicts the caches between calls the way the neighbouring blocks of a network do.
     `flush_denormal` treats denormal floats as zero while timing: activations of an untrained network decay
     towards denormals layer by layer, and x86 handles those up to 10x slower (a sampled backbone measured 25 ms
     end to end against 15.6 ms for the sum of its blocks; 15.3-16.3 ms with denormals flushed). Trained networks
@@ -83,6 +88,7 @@ class Protocol:
     onnx_exporter: str = "torchscript"
     onnx_opset: int = 18
     seed: int = 0
+    reference: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -98,7 +104,7 @@ class Protocol:
         _check_int("seed", self.seed, 0)
         if self.pin_cpu is not None:
             _check_int("pin_cpu", self.pin_cpu, 0)
-        for name in ("retain_heap", "flush_denormal"):
+        for name in ("retain_heap", "flush_denormal", "reference"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(_SOURCE, name, f"must be true or false, got {getattr(self, name)!r}")
         for name in ("warmup_s", "min_time_s"):
@@ -133,6 +139,8 @@ class Protocol:
             "heap retained" if self.retain_heap else "malloc defaults",
             "denormals flushed" if self.flush_denormal else "denormals kept",
         ]
+        if self.reference and self.backend != "torch-cuda":
+            parts.append("reference workload interleaved")
         if self.backend == "onnxruntime-cpu":
             parts.append(f"ONNX opset {self.onnx_opset} via the {self.onnx_exporter} exporter, ORT_ENABLE_ALL")
         return "; ".join(parts)
@@ -148,14 +156,30 @@ class Measurement:
     mean_us: float
     min_us: float
     n: int
+    reference_us: float | None = None   # median of the reference workload timed alongside (Protocol.reference)
 
     @classmethod
-    def from_samples(cls, samples_ns: Sequence[int]) -> Measurement:
+    def from_samples(cls, samples_ns: Sequence[int], reference_ns: Sequence[int] = ()) -> Measurement:
         if not samples_ns:
             raise NasError("no timed runs to summarise")
         us = np.asarray(samples_ns, dtype=np.float64) / 1e3
         p10, median, p90 = np.percentile(us, [10, 50, 90])
-        return cls(float(median), float(p10), float(p90), float(us.mean()), float(us.min()), len(us))
+        ref = float(np.median(reference_ns)) / 1e3 if len(reference_ns) else None
+        return cls(float(median), float(p10), float(p90), float(us.mean()), float(us.min()), len(us), ref)
+
+    def normalised(self, nominal_reference_us: float | None) -> Measurement:
+        """This measurement on the scale of a machine whose reference workload takes `nominal_reference_us`:
+        every statistic times nominal / reference timed alongside. Unchanged without a reference.
+
+        Alongside, not smoothed: the machine's speed changes within seconds when a neighbour loads the shared
+        cache and memory bus; on 40 architectures a rolling median of the last 25 references left 47% of
+        predictions within ±10%, the reference of each measurement 80%."""
+        if not nominal_reference_us or not self.reference_us:
+            return self
+        f = nominal_reference_us / self.reference_us
+        return dataclasses.replace(self, median_us=self.median_us * f, p10_us=self.p10_us * f,
+                                   p90_us=self.p90_us * f, mean_us=self.mean_us * f, min_us=self.min_us * f,
+                                   reference_us=nominal_reference_us)
 
     def value_us(self, statistic: str = "median") -> float:
         """The number a protocol's `statistic` selects."""
@@ -181,8 +205,10 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, protocol: Protocol) -> Path:
-    """Export `module` (in eval mode) with a static input shape `example.shape` to `path`; returns the path.
+def export_onnx(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: str | Path,
+                protocol: Protocol) -> Path:
+    """Export `module` (in eval mode) with the static input shape(s) of `example` (one tensor, or a tuple for a
+    module taking several inputs: inputs input0, input1, ...) to `path`; returns the path.
 
     The default exporter is TorchScript (dynamo=False), although deprecated, because with torch 2.13 it is
     ~20-50x faster per op (20-200 ms vs 1-3 s; a latency table exports hundreds of ops) and it exports 3-D
@@ -192,7 +218,9 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, prot
     """
     path = Path(path)
     dynamo = protocol.onnx_exporter == "dynamo"
-    kwargs: dict[str, Any] = {"opset_version": protocol.onnx_opset, "input_names": ["input"], "dynamo": dynamo}
+    args = example if isinstance(example, tuple) else (example,)
+    names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
+    kwargs: dict[str, Any] = {"opset_version": protocol.onnx_opset, "input_names": names, "dynamo": dynamo}
     if dynamo:
         kwargs["verbose"] = False  # otherwise it prints a progress line per export step
     try:
@@ -200,7 +228,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, prot
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
             warnings.filterwarnings("ignore", message="The feature will be removed")
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # torch-internal, dynamo
-            torch.onnx.export(module, (example,), str(path), **kwargs)
+            torch.onnx.export(module, args, str(path), **kwargs)
     except Exception as err:
         other = "dynamo" if not dynamo else "torchscript"
         raise NasError(
@@ -253,24 +281,6 @@ def _pin_cores(protocol: Protocol) -> set[int]:
     return wanted
 
 
-def _retain_heap() -> bool:
-    """Keep freed memory in the process (glibc mallopt); False where that is not possible (musl, macOS, Windows)."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from <malloc.h>
-        # Never trim the heap top, grow it in big steps, and serve tensors up to 32 MB (glibc's maximum
-        # threshold on 64-bit) from the heap instead of a fresh mmap per call.
-        return bool(
-            libc.mallopt(m_trim_threshold, 1 << 30)
-            and libc.mallopt(m_top_pad, 64 << 20)
-            and libc.mallopt(m_mmap_threshold, 32 << 20)
-        )
-    except (OSError, AttributeError):
-        return False
-
-
 def _check_backend_available(protocol: Protocol) -> None:
     if protocol.backend == "torch-cuda" and not torch.cuda.is_available():
         raise NasError(
@@ -321,29 +331,31 @@ def _on(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
     return copy.deepcopy(module).to(device=device, dtype=dtype)
 
 
-def _make_runner(module: nn.Module, shape: tuple[int, ...], protocol: Protocol, onnx_path: Path) -> Callable[[], Any]:
-    """One synchronous inference per call; `module` must already be in eval mode. `onnx_path`: where to export."""
-    x = torch.randn((protocol.batch, *shape), generator=torch.Generator().manual_seed(protocol.seed))
+def _make_runner(module: nn.Module, shapes: Shapes, protocol: Protocol, onnx_path: Path) -> Callable[[], Any]:
+    """One synchronous inference per call on one input per shape; `module` must already be in eval mode.
+    `onnx_path`: where to export."""
+    gen = torch.Generator().manual_seed(protocol.seed)
+    xs = tuple(torch.randn((protocol.batch, *shape), generator=gen) for shape in shapes)
     if protocol.backend == "onnxruntime-cpu":
-        session = ort_session(export_onnx(module, x, onnx_path, protocol), protocol)
-        feed = {session.get_inputs()[0].name: x.numpy()}
+        session = ort_session(export_onnx(module, xs, onnx_path, protocol), protocol)
+        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
         return lambda: session.run(None, feed)
     if protocol.backend == "torch-cuda":
         dtype = torch.float16 if protocol.dtype == "fp16" else torch.float32
         model = _on(module, torch.device("cuda"), dtype)
-        x = x.to("cuda", dtype)
+        xs = tuple(x.to("cuda", dtype) for x in xs)
         sync = torch.cuda.synchronize
 
         def run_cuda() -> Any:
             # Kernels are asynchronous: without the sync we would time the launch, not the work. The previous
             # call ended with a sync too, so the queue is empty when the clock starts.
-            out = model(x)
+            out = model(*xs)
             sync()
             return out
 
         return run_cuda
     model = _on(module, torch.device("cpu"), torch.float32)
-    return lambda: model(x)
+    return lambda: model(*xs)
 
 
 def _warm_up(run: Callable[[], Any], protocol: Protocol) -> None:
@@ -365,29 +377,79 @@ def _check_shape(shape: Any, field: str = "input_shape") -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _check_inputs(shape: Any, field: str = "input_shape") -> Shapes:
+    """One shape such as (C, H, W): a module with one input; a sequence of shapes: one input per shape (a detector's
+    neck takes three feature maps)."""
+    if isinstance(shape, (tuple, list)) and shape and all(isinstance(s, (tuple, list)) for s in shape):
+        return tuple(_check_shape(s, f"{field}[{i}]") for i, s in enumerate(shape))
+    return (_check_shape(shape, field),)
+
+
 # --- public entry points ----------------------------------------------------------------------------------------
 
 
-def measure(module: nn.Module, input_shape: Shape, protocol: Protocol = Protocol()) -> Measurement:
-    """Latency of `module` on an input of shape (protocol.batch, *input_shape), e.g. input_shape=(C, H, W).
+def measure(module: nn.Module, input_shape: Shape | Sequence[Shape], protocol: Protocol = Protocol()) -> Measurement:
+    """Latency of `module` on an input of shape (protocol.batch, *input_shape), e.g. input_shape=(C, H, W); a
+    sequence of shapes calls `module(x0, x1, ...)` with one input per shape.
 
     The module is run in eval mode (its training flags are restored afterwards) under torch.inference_mode;
     torch's thread count, the CPU affinity and the garbage collector are restored even if the module raises.
     """
-    shape = _check_shape(input_shape)
+    shapes = _check_inputs(input_shape)
     _check_backend_available(protocol)
     with tempfile.TemporaryDirectory(prefix="nas-profile-") as tmp, _eval_mode(module):
-        run = _make_runner(module, shape, protocol, Path(tmp) / "model.onnx")
+        run = _make_runner(module, shapes, protocol, Path(tmp) / "model.onnx")
+        reference = _reference_runner(protocol, Path(tmp) / "reference.onnx")
         samples: list[int] = []
+        ref_samples: list[int] = []
         with _timing_env(protocol):
             _warm_up(run, protocol)
             clock = time.perf_counter_ns
             deadline = clock() + int(protocol.min_time_s * 1e9)
             while len(samples) < protocol.repeats or (clock() < deadline and len(samples) < protocol.max_repeats):
+                if reference is not None:
+                    start = clock()
+                    reference()
+                    ref_samples.append(clock() - start)
                 start = clock()
                 run()
                 samples.append(clock() - start)
-    return Measurement.from_samples(samples)
+    return Measurement.from_samples(samples, ref_samples)
+
+
+def reference_module() -> nn.Module:
+    """The fixed reference workload: depthwise 3x3 + pointwise 1x1 + ReLU on 32x64x64 (about 10 M MACs and 2 MB
+    of activations: some compute, some memory traffic, enough to push a block's weights out of L2)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 64, 1), nn.ReLU())
+    return m.eval()
+
+
+REFERENCE_SHAPE = (32, 64, 64)
+
+
+def _reference_runner(protocol: Protocol, onnx_path: Path) -> Callable[[], Any] | None:
+    """The reference workload on the protocol's own backend: after an ONNX Runtime call a torch reference measured
+    2-6x slower than on its own, so only the same runtime tells the machine's speed in that state."""
+    if not protocol.reference or protocol.backend == "torch-cuda":
+        return None
+    return _make_runner(reference_module(), (REFERENCE_SHAPE,), dataclasses.replace(protocol, batch=1), onnx_path)
+
+
+def reference_speed(protocol: Protocol, repeats: int = 300) -> float | None:
+    """Median µs of the reference workload under `protocol`, timed alongside a typical block (an inverted
+    bottleneck, 64 ch at 40x40): the nominal a table's entries are normalised to. The reference's own time depends
+    on what ran before it (an ONNX Runtime op leaves it 1.5-2x slower than a second reference does), so the
+    nominal is taken in the same context as the entries. None when the protocol has no reference."""
+    if not protocol.reference or protocol.backend == "torch-cuda":
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        typical = nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1, groups=256),
+                                nn.ReLU(), nn.Conv2d(256, 64, 1))
+    p = dataclasses.replace(protocol, repeats=repeats, min_time_s=0.0)
+    return measure(typical, (64, 40, 40), p).reference_us
 
 
 def measure_interleaved(
@@ -415,9 +477,9 @@ def measure_interleaved(
         missing = sorted(set(models) - set(input_shape))
         if missing:
             raise ConfigError(None, "input_shape", f"no input shape for model(s) {', '.join(missing)}")
-        shapes = {name: _check_shape(input_shape[name], f"input_shape[{name!r}]") for name in models}
+        shapes = {name: _check_inputs(input_shape[name], f"input_shape[{name!r}]") for name in models}
     else:
-        shapes = {name: _check_shape(input_shape) for name in models}
+        shapes = {name: _check_inputs(input_shape) for name in models}
     _check_backend_available(protocol)
 
     names = list(models)

@@ -1,5 +1,6 @@
 """Latency lookup tables (MnasNet/NetAdapt style): every op a space can produce, measured once on one device and
-backend; a network's latency is predicted as the sum over its ops, in microseconds, without running it.
+backend; a network's latency is predicted as the sum over its ops, in microseconds, without running it. A whole
+detector adds one op: its neck + head (+ box decoding) behind the backbone's three feature maps (`NeckHeadOp`).
 
 File format (`nas/lut@1`, see docs/LATENCY.md): a commented YAML header (device, versions, protocol, date) and a
 CSV body sorted by op key, so tables are readable and diff cleanly.
@@ -11,17 +12,19 @@ import io
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
+from torch import nn
 
 from nas.arch.blocks import build_block
 from nas.arch.spec import ArchSpec, BlockSpec, block_to_dict
+from nas.detect.model import STRIDES, HeadConfig, NeckHead, check_detector_args
 from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_mapping
 from nas.errors import ConfigError, NasError
-from nas.latency.profile import Measurement, Protocol, environment, measure
+from nas.latency.profile import Protocol, environment, measure, reference_speed
 
 FORMAT = "nas/lut@1"
 COLUMNS = ("op", "median_us", "p10_us", "p90_us", "n")
@@ -62,6 +65,53 @@ def arch_ops(arch: ArchSpec) -> list[tuple[str, BlockSpec, Shape]]:
 
 
 @dataclass(frozen=True)
+class NeckHeadOp:
+    """A detector's neck + head + box decoding behind three feature maps (strides 8/16/32), timed as one module
+    taking the three maps: one table op per (head config, feature channels, resolution)."""
+
+    head: HeadConfig
+    in_channels: tuple[int, int, int]
+    resolution: int
+
+    @property
+    def key(self) -> str:
+        """e.g. 'neckhead neck=dw width=0.25 depth=0.33 classes=10 in=32/96/160 res=256'."""
+        h = self.head
+        return (f"neckhead neck={h.neck} width={float(h.width)} depth={float(h.depth)} classes={h.num_classes} "
+                f"in={'/'.join(map(str, self.in_channels))} res={self.resolution}")
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        return tuple((c, self.resolution // s, self.resolution // s) for c, s in zip(self.in_channels, STRIDES))
+
+    def build(self) -> nn.Module:
+        return NeckHead(self.in_channels, self.head)
+
+
+# What a table measures: a backbone op (block, input C×H×W) or a detector's neck+head.
+TableOp = Union[tuple[BlockSpec, Shape], NeckHeadOp]
+
+
+def neckhead_op(arch: ArchSpec, head: HeadConfig) -> NeckHeadOp:
+    """The neck+head op of `arch` as a detector; ConfigError unless its features are at strides 8/16/32."""
+    check_detector_args(arch, head.num_classes, head.neck, head.width, head.depth, 16)
+    return NeckHeadOp(head, tuple(arch.feature_channels()), arch.resolution)
+
+
+def extend_command(table: str, head: HeadConfig, what: str = "--space SPACE.yaml") -> str:
+    """The `nas lut extend` line that adds the neck+head ops of `head` (default flags left out)."""
+    d = HeadConfig()
+    flags = [f"--neck {head.neck}"] + [f"--{k} {getattr(head, k)}" for k in ("width", "depth")
+                                       if getattr(head, k) != getattr(d, k)] + [f"--classes {head.num_classes}"]
+    return f"nas lut extend {table} {what} --detector {' '.join(flags)}"
+
+
+def key_of(op: TableOp) -> str:
+    """The table key of either kind of op."""
+    return op.key if isinstance(op, NeckHeadOp) else op_key(*op)
+
+
+@dataclass(frozen=True)
 class Entry:
     median_us: float
     p10_us: float
@@ -91,6 +141,12 @@ class LatencyTable:
         return Protocol.from_dict(self.header["protocol"])
 
     @property
+    def reference_us(self) -> float | None:
+        """The reference workload's time this table's entries are normalised to (None: raw numbers)."""
+        v = self.header.get("reference_us")
+        return float(v) if v else None
+
+    @property
     def name(self) -> str:
         return str(self.header.get("name") or (self.path.stem if self.path else "table"))
 
@@ -112,24 +168,33 @@ class LatencyTable:
                               stacklevel=2)
 
     # ------------------------------------------------------------ lookups
-    def missing(self, ops: Iterable[tuple[BlockSpec, Shape]]) -> list[tuple[BlockSpec, Shape]]:
-        return [(b, s) for b, s in ops if op_key(b, s) not in self.entries]
+    def missing(self, ops: Iterable[TableOp]) -> list[TableOp]:
+        return [op for op in ops if key_of(op) not in self.entries]
 
-    def predict(self, arch: ArchSpec) -> Prediction:
-        """Sum of the table's entries over the backbone's ops; every missing op is listed in the error."""
+    def predict(self, arch: ArchSpec, head: HeadConfig | None = None) -> Prediction:
+        """Sum of the table's entries over the backbone's ops, plus with `head` the detector's neck+head op (a
+        budget on the whole detector); every missing op is listed in the error, with the command that adds it."""
+        ops = [(name, op_key(block, shape)) for name, block, shape in arch_ops(arch)]
+        if head is not None:
+            ops.append(("neck+head", neckhead_op(arch, head).key))
         rows, missing = [], []
-        for name, block, shape in arch_ops(arch):
-            key = op_key(block, shape)
+        for name, key in ops:
             e = self.entries.get(key)
             if e is None:
                 missing.append(f"{name}: {key}")
                 continue
             rows.append((name, key, e.median_us))
         if missing:
+            table = self.path or "TABLE"
             shown = "; ".join(missing[:3]) + (f"; ... ({len(missing)} in all)" if len(missing) > 3 else "")
+            fixes = []
+            if any(not m.startswith("neck+head:") for m in missing):
+                fixes.append(f"`nas lut extend {table} --arch ARCH.yaml` (or --space SPACE.yaml)")
+            if head is not None and missing[-1].startswith("neck+head:"):
+                fixes.append(f"`{extend_command(str(table), head)}` (or --arch ARCH.yaml)")
             raise LatencyTableError(
                 f"latency table {self.path or self.name} has no entry for {len(missing)} op(s) of {arch.name!r}: "
-                f"{shown}. Add them with `nas lut extend {self.path or 'TABLE'} --arch ARCH.yaml` (or --space SPACE.yaml)")
+                f"{shown}. Add them with {' and '.join(fixes)}")
         return Prediction(sum(r[2] for r in rows), tuple(rows))
 
     # ------------------------------------------------------------ measuring
@@ -138,27 +203,36 @@ class LatencyTable:
         header = {"format": FORMAT, "name": name, "unit": "microseconds",
                   "device": {k: _plain(v) for k, v in environment(protocol).items() if k != "protocol"},
                   "protocol": protocol.to_dict(), "space": space}
+        ref = reference_speed(protocol)
+        if ref is not None:
+            header["reference_us"] = round(ref, 2)
         if notes:
             header["notes"] = notes
         return cls(header=header)
 
-    def extend(self, ops: Iterable[tuple[BlockSpec, Shape]], *, progress: bool = True, save_every: int = 200,
+    def extend(self, ops: Iterable[TableOp], *, progress: bool = True, save_every: int = 200,
                path: str | Path | None = None) -> int:
-        """Measure every op not yet in the table; saves every `save_every` ops so a killed build loses little."""
+        """Measure every op not yet in the table; saves every `save_every` ops so a killed build loses little.
+        Backbone blocks and neck+head ops go through the same `measure` and normalisation: one scale."""
         protocol = self.protocol
         todo, seen = [], set()
-        for b, s in ops:
-            k = op_key(b, s)
+        for op in ops:
+            k = key_of(op)
             if k not in self.entries and k not in seen:
                 seen.add(k)
-                todo.append((k, b, s))
+                todo.append((k, op))
         if not todo:
             return 0
         path = Path(path) if path else self.path
         bar = _progress(len(todo), progress, "measuring ops")
         try:
-            for i, (k, b, s) in enumerate(todo):
-                m = measure(build_block(b, s[0]), s, protocol)
+            for i, (k, op) in enumerate(todo):
+                if isinstance(op, NeckHeadOp):
+                    module, shape = op.build(), op.shapes
+                else:
+                    b, shape = op
+                    module = build_block(b, shape[0])
+                m = measure(module, shape, protocol).normalised(self.reference_us)
                 self.entries[k] = Entry(round(m.median_us, 2), round(m.p10_us, 2), round(m.p90_us, 2), m.n)
                 bar.update(1)
                 if path and (i + 1) % save_every == 0:
@@ -197,24 +271,27 @@ class LatencyTable:
     def loads(cls, text: str, source: str = "<table>") -> "LatencyTable":
         lines = text.splitlines()
         head = [ln[2:] if ln.startswith("# ") else ln[1:] for ln in lines if ln.startswith("#")]
-        body = [ln for ln in lines if not ln.startswith("#") and ln.strip()]
+        body = [(n, ln) for n, ln in enumerate(lines, 1) if not ln.startswith("#") and ln.strip()]
         if not head:
             raise ConfigError(source, "header", "no '# ' header lines; a table starts with '# format: nas/lut@1'")
         header = require_mapping(parse_yaml("\n".join(head), source), source, "header")
         if header.get("format") != FORMAT:
             raise ConfigError(source, "header.format", f"expected {FORMAT!r}, got {header.get('format')!r}")
-        check_keys(header, ("format", "name", "unit", "device", "protocol", "space", "notes", "updated", "imported_from"),
+        check_keys(header, ("format", "name", "unit", "device", "protocol", "space", "notes", "updated", "imported_from",
+                    "reference_us"),
                    source, "header")
+        proto = require_mapping(read(header, "protocol", dict, source, "header"), source, "header.protocol")
+        check_keys(proto, [f.name for f in fields(Protocol)], source, "header.protocol")  # suggests the nearest key
         try:
-            Protocol.from_dict(require_mapping(read(header, "protocol", dict, source, "header"), source, "header.protocol"))
+            Protocol.from_dict(proto)
         except ConfigError as e:
             raise ConfigError(source, f"header.protocol.{e.field}", e.message) from None
         except TypeError as e:
             raise ConfigError(source, "header.protocol", str(e)) from None
-        if not body or tuple(c.strip() for c in body[0].split(",")) != COLUMNS:
+        if not body or tuple(c.strip() for c in body[0][1].split(",")) != COLUMNS:
             raise ConfigError(source, "columns", f"expected the column line {','.join(COLUMNS)}")
         entries = {}
-        for lineno, row in enumerate(csv.reader(body[1:]), start=len(head) + 2):
+        for lineno, row in _csv_rows(body[1:], source):
             entries_key, entry = _parse_row(row, source, lineno)
             if entries_key in entries:
                 raise ConfigError(source, f"line {lineno}", f"duplicate op {entries_key!r}")
@@ -246,6 +323,16 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
+def _csv_rows(lines: Iterable[tuple[int, str]], source: str) -> Iterable[tuple[int, list[str]]]:
+    """CSV rows with their real line numbers (blank and comment lines skipped); one line is one row."""
+    for lineno, line in lines:
+        try:
+            row = next(csv.reader([line]), [])
+        except csv.Error as e:  # e.g. a field over csv's 128 KiB limit
+            raise ConfigError(source, f"line {lineno}", f"unreadable CSV ({e})") from None
+        yield lineno, row
+
+
 def _parse_row(row: list[str], source: str, lineno: int) -> tuple[str, Entry]:
     where = f"line {lineno}"
     if len(row) != len(COLUMNS):
@@ -253,6 +340,8 @@ def _parse_row(row: list[str], source: str, lineno: int) -> tuple[str, Entry]:
     key = row[0].strip()
     if not key:
         raise ConfigError(source, f"{where}.op", "empty op key")
+    if key.startswith("#"):  # it would be written as a header comment line and read back as YAML
+        raise ConfigError(source, f"{where}.op", f"op keys cannot start with '#', got {key[:60]!r}")
     vals = []
     for col, text in zip(COLUMNS[1:4], row[1:4]):
         try:
@@ -291,20 +380,26 @@ def import_csv(csv_path: str | Path, header: Mapping[str, Any], *, source_name: 
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(str(p), None, f"not UTF-8 text (byte {e.start})") from None
-    rows = list(csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
+    rows = list(_csv_rows(((n, ln) for n, ln in enumerate(text.splitlines(), 1)
+                           if ln.strip() and not ln.startswith("#")), str(p)))
     if not rows:
         raise ConfigError(str(p), None, "empty CSV")
-    cols = [c.strip() for c in rows[0]]
-    if cols[:2] != ["op", "median_us"] or any(c not in COLUMNS for c in cols):
-        raise ConfigError(str(p), "columns", f"expected columns op,median_us[,p10_us,p90_us,n], got {','.join(cols)}")
+    cols = [c.strip() for c in rows[0][1]]
+    if cols[:2] != ["op", "median_us"] or any(c not in COLUMNS for c in cols) or len(set(cols)) != len(cols):
+        raise ConfigError(str(p), "columns", f"expected columns op,median_us[,p10_us,p90_us,n], got "
+                                             f"{','.join(cols)[:120]}")
+    if len(rows) == 1:  # an importable table with no ops would only fail later, at the first prediction
+        raise ConfigError(str(p), None, "no op rows after the column line; fill in the ops of `nas lut template`")
     table = LatencyTable(header=dict(header))
-    for lineno, row in enumerate(rows[1:], start=2):
+    for lineno, row in rows[1:]:
         d = dict(zip(cols, row))
         if len(row) != len(cols):
             raise ConfigError(str(p), f"line {lineno}", f"expected {len(cols)} columns, got {len(row)}")
         full = [d["op"], d["median_us"], d.get("p10_us") or d["median_us"], d.get("p90_us") or d["median_us"],
                 d.get("n") or "1"]
         k, e = _parse_row(full, str(p), lineno)
+        if k in table.entries:  # two measurements of one op: which one is right is the user's call, not ours
+            raise ConfigError(str(p), f"line {lineno}", f"duplicate op {k!r}")
         table.entries[k] = e
     table.header.setdefault("format", FORMAT)
     table.header["imported_from"] = source_name or p.name

@@ -13,6 +13,7 @@ import numpy as np
 from nas.arch.backbone import build_backbone
 from nas.arch.cost import arch_cost
 from nas.arch.spec import ArchSpec
+from nas.detect.model import Detector, HeadConfig, detector_cost
 from nas.latency.profile import Protocol, measure
 from nas.latency.table import LatencyTable
 
@@ -27,6 +28,11 @@ class Accuracy:
     kendall_tau: float
     spearman_rho: float
     bias: float          # median of predicted / measured - 1, %
+
+    def to_json(self) -> dict[str, float | int]:
+        """The keys `nas lut validate --json` promises."""
+        return {"mape": self.mape, "within_5pct": self.within_5, "within_10pct": self.within_10,
+                "kendall_tau": self.kendall_tau, "spearman": self.spearman_rho, "bias_pct": self.bias}
 
 
 def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
@@ -48,6 +54,8 @@ def flops_baseline(macs: Sequence[float], params: Sequence[float], measured: Seq
 
     x = np.column_stack([macs, params]).astype(float)
     y = np.asarray(measured, float)
+    if len(y) < 3:  # nothing to cross-validate on: predict the mean of the others (or the value itself)
+        return np.full_like(y, y.mean())
     k = min(folds, len(y))
     return cross_val_predict(LinearRegression(), x, y, cv=KFold(k, shuffle=True, random_state=0))
 
@@ -79,31 +87,48 @@ class ValidationReport:
     flops: Accuracy
     calibrated: Accuracy | None       # on the held-out half only
     calibration: Calibration | None
+    raw: Accuracy | None              # against measurements not normalised for machine-speed drift
     rows: list[dict]
 
     def summary(self) -> dict:
-        d = asdict(self)
-        d.pop("rows")
+        """n and the lookup table's figures at the top level, the FLOPs predictor's under `baseline`."""
+        d = {"n": self.n, **self.lut.to_json(), "baseline": self.flops.to_json(), "table": self.table,
+             "protocol": self.protocol}
+        if self.raw is not None:
+            d["raw"] = self.raw.to_json()
+        if self.calibrated is not None and self.calibration is not None:
+            d["calibrated"] = {**self.calibrated.to_json(), **asdict(self.calibration)}
         return d
 
 
 def validate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol | None = None,
-             progress: bool = True) -> ValidationReport:
-    """Measure each architecture's backbone end to end under the table's own protocol and compare."""
+             progress: bool = True, head: HeadConfig | None = None) -> ValidationReport:
+    """Measure each architecture's backbone (with `head`: the whole detector, against backbone + neck+head op)
+    end to end under the table's own protocol and compare.
+
+    With a reference workload in the protocol, measurements are normalised to the table's nominal machine speed
+    (`LatencyTable.reference_us`) exactly as its entries were; the raw figures are reported beside them."""
     from tqdm import tqdm
 
     protocol = protocol or table.protocol
     table.check_compatible(protocol)
     rows = []
     for arch in tqdm(archs, desc="measuring architectures", disable=not progress, unit="arch"):
-        pred = table.predict(arch)
-        net = build_backbone(arch)
-        m = measure(net, (arch.channels, arch.resolution, arch.resolution), protocol)
-        cost = arch_cost(arch)
+        pred = table.predict(arch, head)
+        if head is None:
+            net = build_backbone(arch)
+            cost = arch_cost(arch)
+            params, macs = cost.params, cost.macs
+        else:
+            net = Detector(arch, head.num_classes, neck=head.neck, width=head.width, depth=head.depth)
+            params, macs = detector_cost(arch, head, arch.resolution)
+        raw = measure(net, (arch.channels, arch.resolution, arch.resolution), protocol)
+        m = raw.normalised(table.reference_us)
         rows.append({"arch": arch.name, "resolution": arch.resolution, "predicted_us": round(pred.total_us, 1),
                      "measured_us": round(m.median_us, 1), "measured_p10_us": round(m.p10_us, 1),
-                     "measured_p90_us": round(m.p90_us, 1), "macs": cost.macs, "params": cost.params,
-                     "blocks": len(pred.blocks)})
+                     "measured_p90_us": round(m.p90_us, 1), "raw_measured_us": round(raw.median_us, 1),
+                     "reference_us": raw.reference_us and round(raw.reference_us, 1),
+                     "macs": macs, "params": params, "blocks": len(pred.blocks)})
     pred = [r["predicted_us"] for r in rows]
     meas = [r["measured_us"] for r in rows]
     flops_pred = flops_baseline([r["macs"] for r in rows], [r["params"] for r in rows], meas)
@@ -117,8 +142,11 @@ def validate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol 
         for r in held:
             r["calibrated_us"] = round(calib.apply(r["predicted_us"]), 1)
         calibrated = accuracy([r["calibrated_us"] for r in held], [r["measured_us"] for r in held])
+    raw = None
+    if table.reference_us:
+        raw = accuracy(pred, [r["raw_measured_us"] for r in rows])
     return ValidationReport(str(table.path or table.name), protocol.describe(), len(rows), accuracy(pred, meas),
-                            accuracy(flops_pred, meas), calibrated, calib, rows)
+                            accuracy(flops_pred, meas), calibrated, calib, raw, rows)
 
 
 def write_report(report: ValidationReport, out_dir: str | Path, tensorboard: bool = True) -> dict[str, Path]:
@@ -141,7 +169,8 @@ def write_report(report: ValidationReport, out_dir: str | Path, tensorboard: boo
 
         with SummaryWriter(str(out / "tb")) as tb:
             tb.add_figure("latency/predicted_vs_measured", fig)
-            for name, acc in (("lut", report.lut), ("flops", report.flops), ("calibrated", report.calibrated)):
+            for name, acc in (("lut", report.lut), ("flops", report.flops), ("calibrated", report.calibrated),
+                              ("raw", report.raw)):
                 if acc is not None:
                     for k, v in asdict(acc).items():
                         tb.add_scalar(f"latency_validation/{name}/{k}", v)

@@ -15,6 +15,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         "name": args.name, "budget_ms": args.budget_ms, "mode": args.mode, "sampler": args.sampler,
         "trials": args.trials, "timeout_s": args.timeout, "storage": args.storage, "study": args.study,
         "seed": args.seed, "workers": args.workers, "output": args.output, "device": args.device, "scope": args.scope,
+        "num_classes": args.classes, "evaluator.neck": args.neck,
+        "tensorboard_every": args.tb_every,
         "evaluator.kind": args.evaluator, "evaluator.proxy": args.proxy, "evaluator.epochs": args.epochs,
     })
     print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
@@ -23,6 +25,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     states = summary(study)
     result = {"name": exp.name, "study": exp.study_name, "run_dir": str(exp.run_dir), "trials": states,
               "storage": mask_url(exp.storage_url())}
+    if exp.tensorboard_every:
+        result["tensorboard"] = str(exp.run_dir / "tb")
     feasible = study.best_trials
     if exp.mode != "pareto" and feasible:
         best = study.best_trial
@@ -39,6 +43,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     else:
         print(f"Pareto front: {result['pareto_front']} trials")
     print(f"run folder: {exp.run_dir}")
+    if "tensorboard" in result:
+        print(f"watch it: tensorboard --logdir {result['tensorboard']}; the front: nas pareto {exp.run_dir}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
     p.add_argument("--name", help="run name (folder under --output)")
     p.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
-    p.add_argument("--scope", choices=["backbone", "detector"], help="what the budget applies to")
+    p.add_argument("--budget-scope", "--scope", dest="scope", choices=["backbone", "detector"],
+                   help="what the budget covers: detector = backbone + neck + head, the latency you deploy (default), "
+                        "or the backbone alone")
+    p.add_argument("--neck", choices=["dw", "yolov8"], help="detector neck (short training and detector budgets)")
+    p.add_argument("--classes", type=int, help="classes of the deployed detector (sizes the head in the budget)")
     p.add_argument("--mode", choices=["constraint", "mnas", "pareto"], help="how latency enters the objective")
     p.add_argument("--sampler", help="tpe | nsga2 | random | gp | qmc | ... or any optuna.samplers class name")
     p.add_argument("--trials", type=int, help="finished trials the study should hold")
@@ -63,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="local worker processes on the same study")
     p.add_argument("--output", help="parent folder of the run folder (default runs)")
     p.add_argument("--device", help="cpu | cuda:0 for evaluation")
+    p.add_argument("--tb-every", type=int, metavar="K",
+                   help="TensorBoard Pareto figure every K trials in RUN/tb (default 25; 0 = no TensorBoard)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_search)

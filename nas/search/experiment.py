@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from nas.config import check_keys, load_yaml, read, require_mapping, suggest
+from nas.config import _short, check_keys, load_yaml, read, require_mapping, suggest
 from nas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nas.detect.model import HeadConfig
 
 FORMAT = "nas/experiment@1"
 MODES = ("constraint", "mnas", "pareto")
@@ -28,7 +31,7 @@ class EvaluatorConfig:
     epochs: int = 3
     imgsz: int = 160
     train_batch: int = 16
-    neck: str = "dw"
+    neck: str = "dw"               # also the neck of detector-scope budgets
     train_images: int = 400        # DigitsDet size when generated
     val_images: int = 100
     pruner: str = "hyperband"      # hyperband | successive_halving | median | none (constraint / mnas modes)
@@ -40,7 +43,8 @@ class Experiment:
     space: str
     table: str
     budget_ms: float | None = None
-    scope: str = "backbone"
+    scope: str = "detector"        # what the budget covers: detector (backbone + neck + head, what deploys) | backbone
+    num_classes: int = 10          # classes of the deployed detector: sizes the head in detector-scope budgets
     mode: str = "constraint"
     mnas_alpha: float = -0.07      # MnasNet reward ACC·(LAT/T)^w: w = alpha if LAT <= T else beta (paper: -0.07)
     mnas_beta: float = -0.07
@@ -54,6 +58,7 @@ class Experiment:
     workers: int = 1
     output: str = "runs"
     device: str = "cpu"
+    tensorboard_every: int = 25    # Pareto figure in RUN/tb every K finished trials (and at the end); 0 = no TensorBoard
     source: str = field(default="<experiment>", compare=False)
 
     @property
@@ -63,6 +68,16 @@ class Experiment:
     @property
     def study_name(self) -> str:
         return self.study or self.name
+
+    @property
+    def head(self) -> HeadConfig | None:
+        """The neck+head a detector-scope budget includes (evaluator.neck, the training's width and depth, and
+        num_classes); None for backbone-scope budgets."""
+        if self.scope != "detector":
+            return None
+        from nas.detect.model import HeadConfig
+
+        return HeadConfig(neck=self.evaluator.neck, num_classes=self.num_classes)
 
     def storage_url(self) -> str:
         if self.storage:
@@ -116,7 +131,8 @@ def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None
         table=path("table"),
         budget_ms=read(d, "budget_ms", (float, type(None)), source, None, default=None,
                        check=lambda v: None if v is None or v > 0 else "must be positive"),
-        scope=read(d, "scope", str, source, None, default="backbone"),
+        scope=read(d, "scope", str, source, None, default="detector"),
+        num_classes=read(d, "num_classes", int, source, None, default=10),
         mode=read(d, "mode", str, source, None, default="constraint"),
         mnas_alpha=read(d, "mnas_alpha", float, source, None, default=-0.07),
         mnas_beta=read(d, "mnas_beta", float, source, None, default=-0.07),
@@ -130,9 +146,43 @@ def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None
         workers=read(d, "workers", int, source, None, default=1, check=_positive),
         output=path("output", "runs") or "runs",
         device=read(d, "device", str, source, None, default="cpu"),
+        tensorboard_every=read(d, "tensorboard_every", int, source, None, default=25,
+                               check=lambda v: None if v >= 0 else "must be >= 0 (0 turns TensorBoard off)"),
         source=source,
     )
     return check(exp)
+
+
+# Sizes a search may ask for. Checked here rather than only when reading the file, so command-line overrides
+# (--trials -1, --seed -1) are held to the same rules; a 10^9 batch or 10^5 worker processes would take the
+# machine down before the first trial could fail with a reason.
+_RANGES: dict[str, tuple[int, int]] = {
+    "trials": (1, 10**7), "workers": (1, 256), "num_classes": (1, 10_000), "evaluator.resolution": (32, 4096),
+    "evaluator.batch": (1, 4096), "evaluator.epochs": (1, 10_000), "evaluator.imgsz": (32, 4096),
+    "evaluator.train_batch": (1, 4096), "evaluator.train_images": (1, 10**7), "evaluator.val_images": (1, 10**7),
+}
+PRUNERS = ("hyperband", "successive_halving", "median", "none")
+NECKS = ("yolov8", "dw")
+
+
+def _check_ranges(exp: Experiment) -> None:
+    s = exp.source
+    for name, (lo, hi) in _RANGES.items():
+        v = getattr(exp.evaluator, name.split(".")[1]) if name.startswith("evaluator.") else getattr(exp, name)
+        if not lo <= v <= hi:
+            raise ConfigError(s, name, f"must be between {lo} and {hi}, got {_short(v)}")
+    # samplers seed numpy with seed + worker index, which must stay below 2**32
+    if not 0 <= exp.seed <= 2**32 - exp.workers:
+        raise ConfigError(s, "seed", f"must be between 0 and {2**32 - exp.workers}, got {_short(exp.seed)}")
+    for name in ("budget_ms", "timeout_s"):
+        v = getattr(exp, name)
+        if v is not None and not v > 0:
+            raise ConfigError(s, name, f"must be positive, got {v}")
+    ev = exp.evaluator
+    for name, value, choices in (("pruner", ev.pruner, PRUNERS), ("neck", ev.neck, NECKS)):
+        if value not in choices:  # else a typo would silently mean "no pruning" or fail every trial
+            raise ConfigError(s, f"evaluator.{name}", f"unknown {name} {value!r}{suggest(value, choices)}; "
+                                                      f"choose {', '.join(choices)}")
 
 
 def check(exp: Experiment) -> Experiment:
@@ -147,8 +197,11 @@ def check(exp: Experiment) -> Experiment:
                                                f"choose {', '.join(EVALUATORS)}")
     if exp.mode in ("constraint", "mnas") and exp.budget_ms is None:
         raise ConfigError(s, "budget_ms", f"mode {exp.mode!r} needs a latency budget (e.g. budget_ms: 20)")
+    if exp.tensorboard_every < 0:
+        raise ConfigError(s, "tensorboard_every", "must be >= 0 (0 turns TensorBoard off)")
     if not exp.name or "/" in exp.name or exp.name.startswith("."):
         raise ConfigError(s, "name", "must be a plain folder name (no '/', not starting with '.')")
+    _check_ranges(exp)
     from nas.search.study import check_sampler_name
 
     check_sampler_name(exp.sampler, s)
@@ -161,9 +214,22 @@ def check(exp: Experiment) -> Experiment:
     return exp
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment:
+    """Read an experiment; with check_files, also load its space and table now, before a run folder or a worker
+    process exists (a bad file is then one error line, not a traceback from every spawned worker)."""
     p = Path(path)
-    return experiment_from_dict(load_yaml(p), str(p), p.parent)
+    exp = experiment_from_dict(load_yaml(p), str(p), p.parent)
+    if check_files:
+        from nas.latency.table import LatencyTable
+        from nas.space import load_space
+
+        for key, value in (("space", exp.space), ("table", exp.table)):
+            if not Path(value).is_file():
+                raise ConfigError(exp.source, key, f"file not found: {value!r}" + (
+                    " (relative paths start at the experiment file's folder)" if not Path(value).is_absolute() else ""))
+        load_space(exp.space)
+        LatencyTable.load(exp.table)
+    return exp
 
 
 def apply_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment:

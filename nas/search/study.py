@@ -2,6 +2,7 @@
 Redis journal), heartbeats with retry of dead workers' trials, resume, and several local worker processes."""
 from __future__ import annotations
 
+import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -22,6 +23,7 @@ SAMPLERS = {"tpe", "nsga2", "nsga3", "random", "gp", "qmc", "cmaes", "bruteforce
 HEARTBEAT_S = 10          # RDB heartbeat period; a trial silent for GRACE_S is declared dead and retried
 GRACE_S = 30
 MAX_RETRY = 3
+MAX_FAILED_IN_A_ROW = 10  # consecutive failed trials after which a worker stops with the reason
 WORKER_ATTR = "nas:worker"  # host:pid of the process running a trial (journal storages have no heartbeat)
 
 
@@ -33,9 +35,16 @@ def mask_url(url: str) -> str:
 def check_sampler_name(name: str, source: str = "<experiment>") -> None:
     if name in SAMPLERS:
         return
-    if not (name.endswith("Sampler") and hasattr(optuna.samplers, name)):
+    cls = getattr(optuna.samplers, name, None) if name.endswith("Sampler") else None
+    # Only samplers make_sampler can build from a seed alone: abstract bases (BaseSampler) and those needing a
+    # search space or a base sampler (GridSampler, PartialFixedSampler) would only fail once the search starts.
+    if not (isinstance(cls, type) and not inspect.isabstract(cls) and all(
+            p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            for p in inspect.signature(cls).parameters.values())):
         valid = sorted(SAMPLERS) + ["<any optuna.samplers class name, e.g. TPESampler>"]
-        raise ConfigError(source, "sampler", f"unknown sampler {name!r}{suggest(name, SAMPLERS)}; choose {', '.join(valid)}")
+        what = (f"sampler {name!r} cannot be built from a seed alone" if isinstance(cls, type)
+                else f"unknown sampler {name!r}{suggest(name, SAMPLERS)}")
+        raise ConfigError(source, "sampler", f"{what}; choose {', '.join(valid)}")
 
 
 def make_sampler(name: str, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
@@ -174,8 +183,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_worker(exp, index: int = 0, progress: bool = True) -> None:
-    """One worker: run trials until the study holds `exp.trials` finished trials (or the timeout passes)."""
+def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | None = None) -> None:
+    """One worker: run trials until the study holds `exp.trials` finished trials (or the timeout passes).
+    `callbacks` are Optuna trial callbacks (the TensorBoard logger on worker 0)."""
     import torch
 
     from nas.search.objective import Objective
@@ -190,6 +200,8 @@ def run_worker(exp, index: int = 0, progress: bool = True) -> None:
     objective = Objective(exp)
     start = time.monotonic()
     bar = _bar(exp, study, progress and index == 0)
+    watch = _TrialWatch(bar if progress and index == 0 else None)
+    callbacks = [*(callbacks or []), watch]
     try:
         while True:
             done, running = counted(study)
@@ -204,9 +216,44 @@ def run_worker(exp, index: int = 0, progress: bool = True) -> None:
                 if isinstance(storage, optuna.storages.JournalStorage):
                     fail_dead_local_trials(study)
                 continue
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
+            if watch.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                # Failed trials don't count towards the budget, so a cause that fails every candidate (a bad
+                # evaluator setting, a broken data set) would otherwise loop forever.
+                raise NasError(f"{watch.failed_in_a_row} trials in a row failed, the last with: {watch.last_reason}; "
+                               f"fix the cause and run the same command again to resume")
     finally:
         bar.close()
+
+
+class _TrialWatch:
+    """Optuna callback: a live line per trial (number, predicted ms, score, feasible, best so far) above the
+    progress bar, and a count of consecutive failures."""
+
+    def __init__(self, bar=None):
+        self.bar, self.best, self.failed_in_a_row, self.last_reason = bar, None, 0, ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        attrs = trial.user_attrs
+        if attrs.get("surplus"):
+            return
+        if trial.state == TrialState.FAIL:
+            self.failed_in_a_row += 1
+            self.last_reason = attrs.get("fail_reason", "see the trial's user attributes")
+        else:
+            self.failed_in_a_row = 0
+        feasible = attrs.get("evaluated", False) and trial.state == TrialState.COMPLETE
+        score = attrs.get("score")
+        if feasible and score is not None and (self.best is None or score > self.best):
+            self.best = score
+        if self.bar is None:
+            return
+        ms = attrs.get("predicted_ms")
+        parts = [f"trial {trial.number:4d}", f"{ms:8.3f} ms" if ms is not None else " " * 11,
+                 f"score {score:9.4g}" if score is not None else f"{trial.state.name.lower():>15s}",
+                 "feasible" if feasible else "infeasible" if trial.state == TrialState.COMPLETE else "",
+                 f"best {self.best:.4g}" if self.best is not None else ""]
+        self.bar.write("  ".join(p for p in parts if p), file=self.bar.fp)  # stderr: stdout stays for --json
 
 
 def _bar(exp, study, enabled: bool):
@@ -223,22 +270,36 @@ def run(exp, progress: bool = True) -> optuna.Study:
 
     (exp.run_dir / "config.yaml").write_text(dump_experiment(exp))
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    logger = _tensorboard(exp)
+    callbacks = [logger] if logger else None
     if exp.workers == 1:
-        run_worker(exp, 0, progress)
+        run_worker(exp, 0, progress, callbacks)
     else:
         ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
         procs = [ctx.Process(target=run_worker, args=(exp, i, False), daemon=False) for i in range(1, exp.workers)]
         for p in procs:
             p.start()
         try:
-            run_worker(exp, 0, progress)
+            run_worker(exp, 0, progress, callbacks)
         finally:
             for p in procs:
                 p.join()
         bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
         if bad:
             raise NasError(f"{len(bad)} worker process(es) exited with codes {bad}; rerun the same command to resume")
-    return optuna.load_study(study_name=exp.study_name, storage=make_storage(exp.storage_url()))
+    study = optuna.load_study(study_name=exp.study_name, storage=make_storage(exp.storage_url()))
+    if logger:  # after every worker: the final figure sees the whole study (the logger flushes after each trial)
+        logger.finish(study)
+    return study
+
+
+def _tensorboard(exp):
+    """The TensorBoard logger for RUN/tb, or None when `tensorboard_every` is 0."""
+    if not getattr(exp, "tensorboard_every", 25):
+        return None
+    from nas.search.tb import TensorBoardLogger
+
+    return TensorBoardLogger(exp)
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:

@@ -1,0 +1,260 @@
+"""`nas train --from RUN --top-k K`: train a search's best front members and zoo baselines on the same data and
+schedule, measure every trained detector side by side, and write the comparison (markdown, CSV, PNG, TensorBoard)."""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from nas.errors import ConfigError, NasError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from nas.arch.spec import ArchSpec
+    from nas.detect.model import HeadConfig
+    from nas.detect.train import TrainConfig
+    from nas.latency.profile import Protocol
+    from nas.latency.table import LatencyTable
+
+# Short on purpose: every baseline is one more full training. The small V3 and V4 are the usual mobile choices.
+DEFAULT_BASELINES = ("mobilenet_v3_small_100", "mobilenet_v4_conv_small")
+COLUMNS = ("model", "source", "map50_95", "map50", "latency_ms", "predicted_ms", "params", "macs", "epochs",
+           "run_dir")
+
+
+@dataclass(frozen=True)
+class Entrant:
+    label: str            # folder name under RUN/compare and the figure's label, e.g. trial-12, mobilenet_v3_small_100
+    source: str           # "search" or "zoo"
+    arch: ArchSpec
+    score: float | None = None  # the search's score (front members)
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    source: str
+    map50_95: float
+    map50: float
+    latency_ms: float | None   # measured here, interleaved with the others, at the training image size
+    predicted_ms: float | None  # the table's prediction at the training image size (None: not covered)
+    params: int
+    macs: int
+    epochs: int
+    run_dir: str
+
+
+def parse_baselines(text: str | None) -> list[str]:
+    """'zoo:a,zoo:b' or 'a,b' -> zoo names; 'none' or '' -> no baselines; None -> the defaults."""
+    from nas.arch.zoo import ZOO
+    from nas.config import suggest
+
+    if text is None:
+        return list(DEFAULT_BASELINES)
+    names = [n.strip().removeprefix("zoo:") for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    for n in names:
+        if n not in ZOO:
+            raise ConfigError("command line", "--baselines", f"unknown zoo model {n!r}{suggest(n, list(ZOO))}; see "
+                                                             f"`nas zoo list`, or 'none' for no baselines")
+    return list(dict.fromkeys(names))
+
+
+def top_members(study, k: int) -> list[Entrant]:
+    """The k front members with the highest search score (ties: the faster), best first."""
+    from nas.arch.spec import loads_arch
+    from nas.report import front
+
+    members = front(study)
+    if not members:
+        raise NasError(f"study {study.study_name!r} has no feasible evaluated trial yet: nothing to train "
+                       f"(run more trials, or raise the budget)")
+    best = sorted(members, key=lambda p: (-(p.score or 0.0), p.predicted_ms, p.trial))[:k]
+    return [Entrant(f"trial-{p.trial}", "search", loads_arch(p.arch, f"trial {p.trial}"), p.score) for p in best]
+
+
+def zoo_entrants(names: Sequence[str]) -> list[Entrant]:
+    from nas.arch.zoo import get_arch
+
+    return [Entrant(n, "zoo", get_arch(n)) for n in names]
+
+
+def predicted_ms(table: LatencyTable | None, arch: ArchSpec, head: HeadConfig, imgsz: int) -> float | None:
+    """The table's whole-detector prediction at imgsz, None when the table lacks one of its ops."""
+    from nas.latency.table import LatencyTableError
+
+    if table is None:
+        return None
+    try:
+        return round(table.predict(arch.with_resolution(imgsz), head).total_ms, 3)
+    except (LatencyTableError, ConfigError):
+        return None
+
+
+def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: HeadConfig,
+            protocol: Protocol | None, table: LatencyTable | None = None, log=print) -> list[Row]:
+    """Train every entrant with `base` (same data, epochs, image size, neck, seed) into out/<label>, then measure
+    the trained detectors interleaved (drift hits all alike) under `protocol` (None: no measurement)."""
+    from nas.detect.checkpoint import load_detector
+    from nas.detect.model import detector_cost
+    from nas.detect.train import train
+
+    results = {}
+    for i, e in enumerate(entrants, 1):
+        log(f"[{i}/{len(entrants)}] training {e.label} ({e.source}) for {base.epochs} epochs at {base.imgsz} px")
+        r = train(replace(base, arch=e.arch, project=str(out), name=e.label, exist_ok=True))
+        log(f"  {e.label}: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f} ({r.seconds / 60:.1f} min)")
+        results[e.label] = r
+    latency: dict[str, float] = {}
+    if protocol is not None:
+        import dataclasses
+
+        from nas.latency.profile import measure_interleaved
+
+        models = {label: load_detector(r.best if r.best.is_file() else r.last) for label, r in results.items()}
+        # Whole detectors are few and slow: time more calls than a table entry (binding fields unchanged).
+        p = dataclasses.replace(protocol, repeats=max(protocol.repeats, 30), min_time_s=max(protocol.min_time_s, 1.0))
+        log(f"measuring {len(models)} detectors interleaved ({p.backend}, {p.threads} thread(s), {p.statistic})")
+        measured = measure_interleaved(models, (3, base.imgsz, base.imgsz), p)
+        latency = {k: round(m.value_us(p.statistic) / 1e3, 3) for k, m in measured.items()}
+    rows = []
+    for e in entrants:
+        r = results[e.label]
+        params, macs = detector_cost(e.arch, head, base.imgsz)
+        rows.append(Row(e.label, e.source, r.map50_95, r.map50, latency.get(e.label),
+                        predicted_ms(table, e.arch, head, base.imgsz), params, macs, r.epochs, str(r.run_dir)))
+    return rows
+
+
+# ---------------------------------------------------------------- outputs
+
+def _fmt(v: Any, digits: int) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def markdown(rows: Sequence[Row], title: str) -> str:
+    lines = [f"### {title}", "",
+             "| model | source | mAP50-95 | mAP50 | latency ms (measured) | predicted ms | params | MACs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.source} | {_fmt(r.map50_95, 4)} | {_fmt(r.map50, 4)} | "
+                     f"{_fmt(r.latency_ms, 2)} | {_fmt(r.predicted_ms, 2)} | {r.params:,} | {r.macs / 1e6:.1f}M |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+    return path
+
+
+def comparison_figure(rows: Sequence[Row], title: str, budget_ms: float | None = None) -> Figure:
+    """mAP50-95 against measured latency: searched models as dots, zoo baselines as stars, each labelled; the
+    search's budget as a vertical line when it was a whole-detector budget."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 4.8), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    for source, style in (("search", dict(marker="o", s=45, color="C3", label="searched (front members)")),
+                          ("zoo", dict(marker="*", s=160, color="C2", edgecolors="k", linewidths=0.6,
+                                       label="zoo baselines"))):
+        pts = [r for r in rows if r.source == source and r.latency_ms is not None]
+        if not pts:
+            continue
+        ax.scatter([r.latency_ms for r in pts], [r.map50_95 for r in pts], zorder=3, **style)
+        for r in pts:
+            ax.annotate(r.model, (r.latency_ms, r.map50_95), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    if budget_ms:
+        ax.axvline(budget_ms, color="k", linestyle="--", linewidth=1.0, label=f"search budget {budget_ms:g} ms")
+    ax.set_xlabel("measured detector latency (ms)")
+    ax.set_ylabel("mAP50-95 (val)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+def write_outputs(rows: Sequence[Row], out: Path, title: str, budget_ms: float | None,
+                  tb_dir: Path | None) -> dict[str, Path]:
+    """compare.md, compare.csv, map_vs_latency.png in `out`; the figure and the table in TensorBoard at tb_dir."""
+    from nas.report import figure_to_array, save_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows, title)
+    paths = {"markdown": out / "compare.md", "csv": write_csv(rows, out / "compare.csv")}
+    paths["markdown"].write_text(md)
+    fig = comparison_figure(rows, title, budget_ms)
+    paths["png"] = save_figure(fig, out / "map_vs_latency.png")
+    if tb_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(tb_dir)) as w:
+            w.add_image("compare/map_vs_latency", figure_to_array(fig), 0, dataformats="HWC")
+            w.add_text("compare/table", md, 0)
+        paths["tensorboard"] = tb_dir
+    return paths
+
+
+# ---------------------------------------------------------------- the command
+
+def cmd_compare(args, train_kwargs: dict[str, Any]) -> list[Row]:
+    """The `nas train --from RUN` handler; `train_kwargs` are the TrainConfig fields given on the command line."""
+    from nas.detect.model import HeadConfig
+    from nas.detect.train import TrainConfig
+    from nas.report_commands import open_run
+
+    if args.arch is not None or args.resume:
+        raise ConfigError("command line", "--from", "trains the run's front members: give no ARCH and no --resume")
+    if args.top_k < 0:
+        raise ConfigError("command line", "--top-k", f"must be >= 0, got {args.top_k}")
+    r = open_run(args.from_run)
+    entrants = top_members(r.study, args.top_k) if args.top_k else []
+    entrants += zoo_entrants(parse_baselines(args.baselines))
+    if not entrants:
+        raise ConfigError("command line", "--top-k/--baselines", "nothing to train: ask for front members or baselines")
+    exp = r.exp
+    data = train_kwargs.get("data")
+    if data is not None:
+        from nas.detect.data import load_data_config
+
+        nc = load_data_config(data).nc
+    else:
+        nc = 10  # DigitsDet
+    head = HeadConfig(neck=train_kwargs.get("neck") or exp.evaluator.neck, num_classes=nc)
+    # one image size for all (the same schedule): by default the largest resolution of the searched members, so
+    # none is trained below the resolution it was searched at
+    searched = [e.arch.resolution for e in entrants if e.source == "search"]
+    kw = {"neck": head.neck, "imgsz": max(searched) if searched else TrainConfig.imgsz, **train_kwargs}
+    kw.pop("name", None)
+    kw.pop("project", None)
+    base = TrainConfig(arch=entrants[0].arch, progress=not args.quiet, **kw)
+    out = r.run_dir / "compare"
+    table = None if args.no_measure else r.table(None, "measuring the detectors")
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))  # stdout: the table or JSON
+    rows = compare(entrants, base, out, head, table.protocol if table else None, table, log)
+    budget = exp.budget_ms if exp.scope == "detector" else None  # a backbone budget is not on this axis
+    epochs = f"{base.epochs} epoch{'s' * (base.epochs != 1)}"
+    title = (f"{r.study.study_name}: {epochs} at {base.imgsz} px, {head.neck} neck, "
+             f"{'measured ' + table.protocol.backend if table else 'not measured'}")
+    paths = write_outputs(rows, out, title, budget, r.run_dir / "tb" if exp.tensorboard_every else None)
+    if args.json:
+        import json
+
+        print(json.dumps({"rows": [asdict(x) for x in rows], **{k: str(v) for k, v in paths.items()}}, indent=2))
+    else:
+        print(markdown(rows, title))
+        print("wrote " + ", ".join(str(v) for k, v in paths.items() if k != "tensorboard"))
+        if "tensorboard" in paths:
+            print(f"TensorBoard: tensorboard --logdir {paths['tensorboard']} (images: compare/map_vs_latency)")
+    return rows
+

@@ -1,0 +1,82 @@
+"""`nas train --from RUN`: front members and zoo baselines trained alike, measured side by side, compared."""
+import csv
+import json
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nas.cli import main
+from nas.compare import DEFAULT_BASELINES, parse_baselines
+from nas.detect.digits import generate_digits
+from nas.errors import ConfigError
+from nas.latency.table import LatencyTable
+from nas.search.experiment import experiment_from_dict
+from nas.search.study import run
+from nas.space import space_from_dict
+
+from conftest import FAST
+from nas.detect.model import HeadConfig
+from conftest import DET
+
+HEAD = HeadConfig(neck="dw", num_classes=10)  # DigitsDet's
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A 4-trial detector-scope search on a tiny detector space, with TensorBoard on, and a tiny DigitsDet."""
+    d = tmp_path_factory.mktemp("compare")
+    (d / "space.yaml").write_text(yaml.safe_dump(DET))
+    space = space_from_dict(DET, str(d / "space.yaml"))
+    table = LatencyTable.new(FAST, "cmp")
+    table.extend([*space.ops(), *space.neckhead_ops(HEAD)], path=d / "table.csv", progress=False)
+    exp = experiment_from_dict({
+        "format": "nas/experiment@1", "name": "cmp", "space": str(d / "space.yaml"), "table": str(d / "table.csv"),
+        "budget_ms": 1e4, "mode": "pareto", "sampler": "random", "trials": 4, "num_classes": 10,
+        "tensorboard_every": 2, "evaluator": {"kind": "proxy", "proxy": "params", "resolution": 64},
+        "output": str(d / "runs")}, "exp.yaml")
+    run(exp, progress=False)
+    data = generate_digits(d / "digits", 16, 8, imgsz=64, min_size=10, max_size=28, progress=False, workers=0)
+    return exp, str(data)
+
+
+def test_baseline_list_parsing():
+    assert parse_baselines(None) == list(DEFAULT_BASELINES)
+    assert parse_baselines("zoo:mobilenet_v3_small_100, mobilenet_v2_100") == ["mobilenet_v3_small_100",
+                                                                               "mobilenet_v2_100"]
+    assert parse_baselines("none") == []
+    with pytest.raises(ConfigError, match="mobilenet_v2_100"):
+        parse_baselines("zoo:mobilenet_v2_10")
+
+
+def test_train_from_run_compares_front_members_and_baselines(searched, capsys):
+    exp, data = searched
+    argv = ["train", "--from", str(exp.run_dir), "--top-k", "2", "--baselines", "zoo:mobilenet_v3_small_100",
+            "--data", data, "--epochs", "1", "--imgsz", "64", "--batch", "8", "--workers", "0", "--quiet", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    assert [r["source"] for r in rows] == ["search", "search", "zoo"] and rows[2]["model"] == "mobilenet_v3_small_100"
+    for r in rows:
+        assert 0 <= r["map50_95"] <= r["map50"] <= 1 and r["epochs"] == 1
+        assert r["latency_ms"] > 0 and r["params"] > 0 and r["macs"] > 0
+        assert (exp.run_dir / "compare" / r["model"] / "weights" / "best.pt").is_file()
+        assert yaml.safe_load((exp.run_dir / "compare" / r["model"] / "args.yaml").read_text())["neck"] == "dw"
+    # the searched rows are front members, and the table's whole-detector prediction is given (it covers 64 px)
+    assert all(r["predicted_ms"] is not None for r in rows[:2]) and rows[2]["predicted_ms"] is None
+    with open(exp.run_dir / "compare" / "compare.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == [r["model"] for r in rows]
+    md = (exp.run_dir / "compare" / "compare.md").read_text()
+    assert "| mAP50-95 | mAP50 | latency ms (measured) |" in md and "mobilenet_v3_small_100" in md
+    assert (exp.run_dir / "compare" / "map_vs_latency.png").stat().st_size > 10_000
+    acc = EventAccumulator(str(exp.run_dir / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "compare/map_vs_latency" in acc.Tags()["images"]
+    assert any(t.startswith("compare/table") for t in acc.Tags()["tensors"])
+
+
+def test_train_from_run_user_errors(searched, capsys):
+    exp, _ = searched
+    assert main(["train", "zoo:mobilenet_v3_small_100", "--from", str(exp.run_dir)]) == 2
+    assert "--from" in capsys.readouterr().err
+    assert main(["train", "--from", str(exp.run_dir), "--baselines", "zoo:nope"]) == 2
+    assert "--baselines" in capsys.readouterr().err
