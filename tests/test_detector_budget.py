@@ -19,7 +19,7 @@ from nas.space import space_from_dict
 
 from conftest import DET, FAST
 
-# Features at strides 8/16/32 (the conftest space's are at 4/8/16): two P3 widths, so two neck+head ops.
+# DET (conftest) feeds a detector (features at strides 8/16/32) and has two P3 widths, so two neck+head ops.
 HEAD = HeadConfig(neck="dw", width=0.25, depth=0.33, num_classes=3)
 
 
