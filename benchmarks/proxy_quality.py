@@ -93,7 +93,7 @@ def train_arch(arch: ArchSpec, data: str, out: Path, args: argparse.Namespace) -
 
 
 def run(args: argparse.Namespace) -> None:
-    from nas.detect.commands import digit_sizes
+    from nas.detect.digits import digit_sizes
     from nas.detect.digits import ensure_digits
 
     out = Path(args.out)

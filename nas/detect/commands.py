@@ -101,13 +101,6 @@ def _run_imgsz(run_dir: Path) -> int:
     return int(yaml.safe_load((run_dir / "args.yaml").read_text())["imgsz"])
 
 
-def digit_sizes(imgsz: int, min_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
-    """Moved to nas.detect.digits (the generator's own default); kept here for callers that import it from here."""
-    from nas.detect.digits import digit_sizes as sizes
-
-    return sizes(imgsz, min_size, max_size)
-
-
 def cmd_data_digits(args: argparse.Namespace) -> Path:
     from nas.detect.digits import generate_digits
 

@@ -44,7 +44,7 @@ def trial_data(exp) -> str:
     ev = exp.evaluator
     if ev.data is not None:
         return ev.data
-    from nas.detect.commands import digit_sizes
+    from nas.detect.digits import digit_sizes
     from nas.detect.digits import ensure_digits
 
     root = exp.run_dir / "digits"
