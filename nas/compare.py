@@ -65,14 +65,16 @@ def parse_baselines(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def top_members(study, k: int) -> list[Entrant]:
-    """The k front members with the highest search score (ties: the faster), best first."""
+def top_members(study, k: int, max_ms: float | None = None) -> list[Entrant]:
+    """The k front members with the highest search score (ties: the faster), best first; with `max_ms`, only
+    members predicted at or under it."""
     from nas.arch.spec import loads_arch
     from nas.report import front
 
-    members = front(study)
+    members = [p for p in front(study) if max_ms is None or p.predicted_ms <= max_ms]
     if not members:
-        raise NasError(f"study {study.study_name!r} has no feasible evaluated trial yet: nothing to train "
+        under = f" at or under {max_ms:g} ms" if max_ms is not None else ""
+        raise NasError(f"study {study.study_name!r} has no feasible evaluated trial{under} yet: nothing to train "
                        f"(run more trials, or raise the budget)")
     best = sorted(members, key=lambda p: (-(p.score or 0.0), p.predicted_ms, p.trial))[:k]
     return [Entrant(f"trial-{p.trial}", "search", loads_arch(p.arch, f"trial {p.trial}"), p.score) for p in best]
@@ -112,16 +114,9 @@ def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: Hea
         results[e.label] = r
     latency: dict[str, float] = {}
     if protocol is not None:
-        import dataclasses
-
-        from nas.latency.profile import measure_interleaved
-
         models = {label: load_detector(r.best if r.best.is_file() else r.last) for label, r in results.items()}
-        # Whole detectors are few and slow: time more calls than a table entry (binding fields unchanged).
-        p = dataclasses.replace(protocol, repeats=max(protocol.repeats, 30), min_time_s=max(protocol.min_time_s, 1.0))
-        log(f"measuring {len(models)} detectors interleaved ({p.backend}, {p.threads} thread(s), {p.statistic})")
-        measured = measure_interleaved(models, (3, base.imgsz, base.imgsz), p)
-        latency = {k: round(m.value_us(p.statistic) / 1e3, 3) for k, m in measured.items()}
+        measured = measure_detectors(models, base.imgsz, protocol, log=log)
+        latency = {k: round(m.value_us(protocol.statistic) / 1e3, 3) for k, m in measured.items()}
     rows = []
     for e in entrants:
         r = results[e.label]
@@ -129,6 +124,21 @@ def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: Hea
         rows.append(Row(e.label, e.source, r.map50_95, r.map50, latency.get(e.label),
                         predicted_ms(table, e.arch, head, base.imgsz), params, macs, r.epochs, str(r.run_dir)))
     return rows
+
+
+def measure_detectors(models: dict[str, Any], imgsz: int, protocol: Protocol, rounds: int | None = None,
+                      log=print) -> dict[str, Any]:
+    """Whole detectors measured side by side (`measure_interleaved`) at imgsz x imgsz: drift hits all alike.
+    Returns label -> Measurement; `rounds` None = until the protocol's repeats and time are reached."""
+    import dataclasses
+
+    from nas.latency.profile import measure_interleaved
+
+    # Whole detectors are few and slow: time more calls than a table entry (binding fields unchanged).
+    p = dataclasses.replace(protocol, repeats=max(protocol.repeats, 30), min_time_s=max(protocol.min_time_s, 1.0))
+    what = f"{rounds} rounds" if rounds else f">= {p.repeats} runs each"
+    log(f"measuring {len(models)} detectors interleaved at {imgsz} px ({p.backend}, {p.threads} thread(s), {what})")
+    return measure_interleaved(models, (3, imgsz, imgsz), p, rounds=rounds)
 
 
 # ---------------------------------------------------------------- outputs

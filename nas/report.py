@@ -250,9 +250,10 @@ def zoo_baselines(table: LatencyTable, resolutions: Iterable[int], score_fn: Cal
 
 def pareto_figure(points: Sequence[Point], members: Sequence[Point], *, budget_ms: float | None = None,
                   baselines: Sequence[Baseline] = (), score_label: str = "score", title: str | None = None,
-                  highlight: Point | None = None) -> Figure:
+                  highlight: Point | None = None, scope: str | None = None) -> Figure:
     """All trials (infeasible greyed; over-budget ones that were never scored as ticks along the bottom), the
-    front as a step line, the budget as a vertical line, baselines as labelled stars, the knee ringed."""
+    front as a step line, the budget as a vertical line, baselines as labelled stars, the knee ringed. `scope`
+    ("detector" or "backbone") says on the latency axis what the predicted latency covers."""
     from matplotlib.figure import Figure  # no pyplot: no global figure registry in a long search process
 
     fig = Figure(figsize=(9.0, 4.8), dpi=110, layout="constrained")
@@ -286,9 +287,14 @@ def pareto_figure(points: Sequence[Point], members: Sequence[Point], *, budget_m
     if baselines:
         ax.scatter([b.predicted_ms for b in baselines], [b.score for b in baselines], marker="*", s=150, color="C2",
                    edgecolors="k", linewidths=0.6, zorder=6, label="zoo baselines")
-        for b in baselines:
-            ax.annotate(b.name, (b.predicted_ms, b.score), xytext=(5, 4), textcoords="offset points", fontsize=8)
-    ax.set_xlabel("predicted latency (ms)")
+        # Neighbouring stars take turns above and below, further out each time, so labels don't overprint.
+        for i, b in enumerate(sorted(baselines, key=lambda b: b.predicted_ms)):
+            dy = (1 if i % 2 == 0 else -1) * (6 + 9 * (i % 4 // 2))
+            ax.annotate(b.name, (b.predicted_ms, b.score), xytext=(6, dy), textcoords="offset points", fontsize=7,
+                        va="bottom" if dy > 0 else "top",
+                        arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.5})
+    what = {"detector": ", whole detector", "backbone": ", backbone only"}.get(scope or "", "")
+    ax.set_xlabel(f"predicted latency{what} (ms)")
     ax.set_ylabel(score_label)
     ax.set_title(title or "Pareto front", fontsize=10)
     ax.grid(alpha=0.3)

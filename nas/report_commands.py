@@ -117,6 +117,12 @@ def open_run(run: str | None, storage: str | None = None, study_name: str | None
     return Run(study, mask_url(url), run_dir, exp, origin)
 
 
+def _scope(study) -> str | None:
+    """What the study's latencies cover, from its first finished trial ("detector" or "backbone")."""
+    t = next((t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and "scope" in t.user_attrs), None)
+    return t.user_attrs["scope"] if t else None
+
+
 def trial_head(attrs: dict[str, Any]):
     """The detector head a detector-scope trial was budgeted with (None: a backbone-scope trial)."""
     from nas.detect.model import HeadConfig
@@ -176,7 +182,8 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     csv_path = write_front_csv(members, out / "front.csv", measured)
     baselines = [Baseline(**b) for b in r.study.user_attrs.get(BASELINES_ATTR, [])]
     fig = pareto_figure(points, members, budget_ms=budget, baselines=baselines, score_label=score_name(r.study),
-                        title=f"{r.study.study_name}: {len(points)} trials, {len(members)} on the front", highlight=k)
+                        title=f"{r.study.study_name}: {len(points)} trials, {len(members)} on the front", highlight=k,
+                        scope=_scope(r.study))
     png_path = save_figure(fig, out / "front.png")
     ref_src = ("given" if args.ref_score is not None else "worst feasible score",
                "given" if args.ref_ms is not None else ("the budget" if budget else "slowest feasible"))

@@ -62,7 +62,7 @@ def test_detector_prediction_is_backbone_plus_the_neckhead_entry(det):
         name, key, us = whole.blocks[-1]
         assert name == "neck+head" and key == neckhead_op(arch, HEAD).key
         assert whole.blocks[:-1] == backbone.blocks
-        assert whole.total_us == pytest.approx(backbone.total_us + full.entries[key].median_us)
+        assert whole.total_us == pytest.approx(backbone.total_us + getattr(full.entries[key], full.column))
 
 
 def test_missing_neckhead_entry_names_the_command_that_adds_it(det):

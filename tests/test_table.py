@@ -8,7 +8,7 @@ from nas.arch.spec import BlockSpec
 from nas.errors import ConfigError
 from nas.latency.profile import Measurement
 from nas.latency.table import LatencyTable, LatencyTableError, arch_ops, import_csv, op_key
-from nas.latency.validate import validate, write_report
+from nas.latency.validate import calibrate, validate, write_report
 from nas.space import space_from_dict
 
 from conftest import FAST, TINY
@@ -36,8 +36,36 @@ def test_predict_is_the_sum_of_entries(space, table):
     arch = space.random(3)
     pred = table.predict(arch)
     assert [b for b, _, _ in pred.blocks] == [n for n, _, _ in arch_ops(arch)]
-    assert math.isclose(pred.total_us, sum(table.entries[op_key(b, s)].median_us for _, b, s in arch_ops(arch)))
-    assert pred.total_us > 0
+    assert table.column == "p10_us" and "calibration" not in table.header  # the default statistic, uncalibrated
+    assert math.isclose(pred.total_us, sum(table.entries[op_key(b, s)].p10_us for _, b, s in arch_ops(arch)))
+    assert pred.total_us == pred.sum_us > 0
+
+
+def test_calibration_scales_predictions_and_is_checked_on_load(space, table, tmp_path):
+    t = LatencyTable.load(table.save(tmp_path / "t.csv"))
+    archs = [space.random(100 + i, name=f"c{i}") for i in range(5)]
+    scale = calibrate(t, archs, replace(t.protocol, repeats=10), progress=False)
+    assert 0.5 <= scale <= 2 and t.header["calibration"]["archs"] == 5
+    arch = space.random(3)
+    pred = t.predict(arch)
+    assert pred.sum_us == pytest.approx(table.predict(arch).total_us)
+    assert pred.total_us == pytest.approx(t.header["calibration"]["scale"] * pred.sum_us)
+    again = LatencyTable.load(t.save(tmp_path / "t.csv"))
+    assert again.predict(arch) == pred
+    report = validate(again, [space.random(i, name=f"a{i}") for i in range(4)], progress=False)
+    assert report.plain_sum is not None and report.summary()["calibration"]["scale"] == t.header["calibration"]["scale"]
+    text = (tmp_path / "t.csv").read_text()
+    bad = text.replace(f"scale: {t.header['calibration']['scale']}", "scale: 7.5")
+    with pytest.raises(ConfigError, match=r"header.calibration.scale: must be a number in \[0.5, 2.0\]"):
+        LatencyTable.loads(bad, "t.csv")
+    with pytest.raises(ConfigError, match="header.calibration.scael"):
+        LatencyTable.loads(text.replace("  scale:", "  scael:"), "t.csv")
+
+
+def test_reference_is_summarised_with_the_protocol_statistic():
+    samples, refs = [1000] * 10, [100_000 + 10_000 * i for i in range(10)]
+    assert Measurement.from_samples(samples, refs, "p10").reference_us == pytest.approx(109.0)
+    assert Measurement.from_samples(samples, refs, "median").reference_us == pytest.approx(145.0)
 
 
 def test_file_round_trip_is_exact(table, tmp_path):
@@ -130,7 +158,7 @@ def test_validate_against_real_measurement(space, table, tmp_path):
     # (seen: 2 of 8 measured at 10x), which no reference workload corrects.
     ratios = sorted(r["predicted_us"] / r["measured_us"] for r in report.rows)
     assert sum(0.5 < x < 2 for x in ratios) >= 6 and 0.67 < ratios[len(ratios) // 2] < 1.5
-    assert report.calibrated is not None and report.calibration.fitted_on == 4
+    assert report.plain_sum is None and report.summary()["calibration"] is None  # the tiny table is uncalibrated
     paths = write_report(report, tmp_path / "val")
     assert paths["png"].stat().st_size > 1000 and paths["csv"].read_text().count("\n") == 9
     assert any(paths["tensorboard"].iterdir())
@@ -174,6 +202,12 @@ def test_lut_command_line(tmp_path):
     keys = {"within_10pct", "within_5pct", "mape", "kendall_tau", "spearman"}
     assert summary["n"] == 6 and keys <= set(summary) and keys <= set(summary["baseline"])
     assert 0 <= summary["within_10pct"] <= 1 and summary["mape"] >= 0
+    r = nas("lut", "calibrate", lut, "--space", sp, "-n", 3, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "calibration scale" in r.stdout and LatencyTable.load(lut).header["calibration"]["archs"] == 3
+    r = nas("lut", "validate", lut, "--space", sp, "-n", 4, "--repeats", 3, "--min-time", 0, "--quiet",
+            "--out", tmp_path / "val2")
+    assert r.returncode == 0 and "plain sum" in r.stdout and "the table's calibration" in r.stdout, r.stdout + r.stderr
     r = nas("lut", "show", lut, "--arch", "zoo:mobilenet_v2_100")
     assert r.returncode == 2 and "nas lut extend" in r.stderr and "Traceback" not in r.stderr
     tpl = tmp_path / "ops.csv"

@@ -170,7 +170,8 @@ class Detector(nn.Module):
         self.head.init_bias(self.strides)
 
     def forward(self, x: Tensor) -> list[Tensor] | Tensor:
-        if x.shape[-1] % 32 or x.shape[-2] % 32:  # else a cryptic size mismatch inside the neck
+        # else a cryptic size mismatch inside the neck (skipped while tracing for ONNX: shapes are fixed there)
+        if not torch.jit.is_tracing() and (x.shape[-1] % 32 or x.shape[-2] % 32):
             raise ValueError(f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
         preds = self.head(self.neck(self.backbone(x)))
         if self.training:

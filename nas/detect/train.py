@@ -271,6 +271,65 @@ def _unique_dir(project: Path, name: str) -> Path:
     return d
 
 
+# what a resume reads from last.pt beyond load_checkpoint's own checks, with the types it needs
+RESUME_KEYS = {"epoch": int, "best_fitness": (int, float), "best_epoch": int, "ema": dict, "ema_updates": int,
+               "optimizer": dict, "scheduler": dict, "rng": dict, "config": dict}
+# args.yaml fields a resume may differ in: runtime settings, and where the run lives
+ARGS_FREE = (*RUNTIME_FIELDS, "resume", "project", "name", "exist_ok")
+
+
+def _resume_ready(path: Path) -> dict[str, Any]:
+    """A checkpoint that has everything a resume needs, or a NasError naming the file."""
+    ckpt = load_checkpoint(path)
+    bad = [k for k, t in RESUME_KEYS.items() if not isinstance(ckpt.get(k), t) or isinstance(ckpt.get(k), bool)]
+    if bad:
+        raise NasError(f"{path}: damaged nas checkpoint: missing or of the wrong type: {', '.join(bad)}")
+    return ckpt
+
+
+def _resume_fix(run_dir: Path) -> str:
+    """How to get going again when last.pt is unusable: best.pt is a full checkpoint too, if it is intact."""
+    best = run_dir / "weights" / "best.pt"
+    try:
+        epoch = _resume_ready(best)["epoch"]
+    except NasError:
+        return "start a new run without --resume (this run has no usable checkpoint to continue)"
+    return (f"to continue after epoch {epoch} instead, copy {best} over it and resume again; or start a new run "
+            "without --resume")
+
+
+def _resume_checkpoint(run_dir: Path) -> dict[str, Any]:
+    try:
+        return _resume_ready(run_dir / "weights" / "last.pt")
+    except NasError as e:  # load_checkpoint's reason, plus what to do about it in a resume
+        raise NasError(f"{e}; {_resume_fix(run_dir)}") from None
+
+
+def _check_args_yaml(run_dir: Path, saved: dict[str, Any]) -> None:
+    """A resume continues with the checkpoint's settings and rewrites args.yaml from them; an args.yaml that no
+    longer says the same (hand-edited to change the run, or damaged) would be silently overridden, so refuse it."""
+    path = run_dir / "args.yaml"
+    if not path.exists():  # only a record: rewritten below
+        return
+    fix = ("a resume keeps the settings it was started with (weights/last.pt); restore the file or delete it "
+           "(it is rewritten from the checkpoint), or start a new run without --resume to change settings")
+    try:
+        args = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(str(path), None, f"unreadable ({type(e).__name__}{where}); {fix}") from None
+    if not isinstance(args, dict):
+        raise ConfigError(str(path), None, f"expected a mapping of settings, got {type(args).__name__}; {fix}")
+    for k, v in saved.items():
+        if k in ARGS_FREE or k == "arch":
+            continue
+        if k not in args:
+            raise ConfigError(str(path), k, f"missing, the checkpoint has {v!r}; {fix}")
+        if args[k] != v:
+            raise ConfigError(str(path), k, f"{args[k]!r} differs from the checkpoint's {v!r}; {fix}")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -284,19 +343,31 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
+    tmp = path.with_suffix(".csv.tmp")  # temp file + rename: a kill mid-write must not truncate the history
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    tmp.replace(path)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
+    rows = []
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v) if v != "" else float("nan")) for k, v in r.items()}
-                for r in csv.DictReader(f)]
+        for n, r in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+            try:  # hand-edited or damaged: the history a resume extends, so say where
+                missing = [c for c in ("epoch", "time") if r.get(c) is None]  # the columns a resume reads
+                if missing:
+                    raise ValueError(f"no {' or '.join(missing)} value")
+                rows.append({k: (int(v) if k == "epoch" else float(v) if v != "" else float("nan"))
+                             for k, v in r.items()})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path}:{n}", None, f"unreadable row ({e}); restore the file, or delete it to "
+                                                       "resume without the earlier epochs' rows") from None
+    return rows
 
 
 def _broadcast(obj: Any, world: int) -> Any:
@@ -343,9 +414,10 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
             if not (run_dir / "weights" / "last.pt").is_file():
                 raise ConfigError(str(run_dir), None, "nothing to resume: weights/last.pt not found (check --project "
                                                       "and --name, or start without --resume)")
-            ckpt = load_checkpoint(run_dir / "weights" / "last.pt")
+            ckpt = _resume_checkpoint(run_dir)
             known = {f.name for f in fields(TrainConfig)}
             saved = {k: v for k, v in ckpt["config"].items() if k in known}
+            _check_args_yaml(run_dir, saved)
             runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
             cfg = TrainConfig(**{**saved, **runtime, "arch": loads_arch(ckpt["meta"]["arch_yaml"], str(run_dir)),
                                  "resume": True, "project": cfg.project, "name": run_dir.name})
@@ -355,16 +427,9 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
                 raise NasError(f"{run_dir}: already finished ({ckpt['epoch']} of at most {cfg.epochs} epochs{budget}); "
                                "nothing to resume")
         check_config(cfg)
-        if not cfg.resume:
-            name = cfg.name or cfg.arch.name
-            project = Path(cfg.project)
-            run_dir = _broadcast(project / name if cfg.exist_ok else _unique_dir(project, name), world)
-            cfg = replace(cfg, name=run_dir.name)
-        wdir = run_dir / "weights"
-        if main:
-            wdir.mkdir(parents=True, exist_ok=True)
 
         # ---------------------------------------------------------------- data
+        # before the run folder: a bad data YAML or label set must not leave an empty PROJECT/NAME behind
         if cfg.data is None:
             if main:
                 data_yaml = default_data(cfg, show)
@@ -393,6 +458,16 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
             val_loader = DataLoader(val_ds, per_rank, shuffle=False, num_workers=workers, collate_fn=collate,
                                     pin_memory=device.type == "cuda")
 
+        # ---------------------------------------------------------------- run folder
+        if not cfg.resume:
+            name = cfg.name or cfg.arch.name
+            project = Path(cfg.project)
+            run_dir = _broadcast(project / name if cfg.exist_ok else _unique_dir(project, name), world)
+            cfg = replace(cfg, name=run_dir.name)
+        wdir = run_dir / "weights"
+        if main:
+            wdir.mkdir(parents=True, exist_ok=True)
+
         # ---------------------------------------------------------------- model, optimizer, EMA
         _seed_everything(cfg.seed)
         fmt = torch.channels_last if resolve_channels_last(cfg.channels_last, device) else torch.contiguous_format
@@ -410,15 +485,20 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
         if ckpt is None:
             history: list[dict[str, Any]] = []
         else:  # load_state_dict copies into the existing tensors, so the chosen layout stays
-            model.load_state_dict(ckpt["model"])
-            ema.module.load_state_dict(ckpt["ema"])
-            ema.updates = ckpt["ema_updates"]
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
+            try:  # loadable but edited or mismatched state fails here, as one line instead of a torch traceback
+                model.load_state_dict(ckpt["model"])
+                ema.module.load_state_dict(ckpt["ema"])
+                ema.updates = ckpt["ema_updates"]
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                if ckpt.get("scaler"):
+                    scaler.load_state_dict(ckpt["scaler"])
+                set_rng_state(ckpt["rng"])
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+                detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                raise NasError(f"{run_dir / 'weights' / 'last.pt'}: damaged nas checkpoint: cannot restore the "
+                               f"training state ({detail}); {_resume_fix(run_dir)}") from None
             start_epoch, best_fitness, best_epoch = ckpt["epoch"], ckpt["best_fitness"], ckpt["best_epoch"]
-            set_rng_state(ckpt["rng"])
         train_model: nn.Module = model
         if world > 1:
             train_model = nn.parallel.DistributedDataParallel(
@@ -477,7 +557,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
                 # DDP averages gradients over ranks; the loss is per-rank-batch-summed, so scale back to the total
                 scaler.scale(loss * world).backward()
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm=cfg.clip_norm)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=cfg.clip_norm)
+                # a finite loss can still give NaN gradients (e.g. sqrt at 0); stepping would make every weight NaN
+                # and the run "finish" with mAP 0. With AMP the scaler skips such steps itself. DDP: gradients are
+                # all-reduced, so every rank sees the same norm and stops together.
+                if not amp and not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(
+                        f"training diverged: the gradient norm became {grad_norm.item()} at epoch {epoch + 1}, "
+                        f"step {i + 1}/{nb} (loss {loss.item():.4g}); try a lower --lr0 or check the labels")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

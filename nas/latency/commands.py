@@ -1,4 +1,4 @@
-"""`nas lut build | extend | show | validate | template | import`: thin handlers over nas.latency."""
+"""`nas lut build | extend | calibrate | show | validate | template | import`: thin handlers over nas.latency."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ def _protocol(args: argparse.Namespace):
 
     return Protocol(backend=args.backend, threads=args.threads, batch=args.batch, repeats=args.repeats,
                     min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu,
-                    reference=args.reference)
+                    reference=args.reference, statistic=args.statistic)
 
 
 def _head(args: argparse.Namespace):
@@ -70,6 +70,34 @@ def cmd_build(args: argparse.Namespace) -> None:
     print(f"measuring {len({key_of(op) for op in ops})} ops ({protocol.describe()}) into {out}", file=sys.stderr)
     n = table.extend(ops, path=out, progress=not args.quiet)
     print(f"{out}: {n} ops measured, {len(table.entries)} in the table")
+    if args.calibrate and args.space:
+        _calibrate(table, args.space[0], args.calibrate, args.quiet)
+        table.save(out)
+
+
+def _calibrate(table, space_path: Path, n: int, quiet: bool) -> None:
+    from nas.latency.validate import calibrate, calibration_archs
+    from nas.space import load_space
+
+    archs = calibration_archs(load_space(space_path), n)
+    scale = calibrate(table, archs, _end_to_end(table.protocol), progress=not quiet)
+    print(f"{table.path}: calibration scale {scale:.4f} (median of measured / summed latency over {n} networks of "
+          f"{space_path}; `nas lut validate` reports the plain sum beside it)")
+
+
+def _end_to_end(protocol, repeats: int = 30, min_time: float = 0.3):
+    """End-to-end runs are few and long: time more of them than a table entry (binding fields unchanged)."""
+    import dataclasses
+
+    return dataclasses.replace(protocol, repeats=repeats, min_time_s=min_time)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from nas.latency.table import LatencyTable
+
+    table = LatencyTable.load(args.table)
+    _calibrate(table, args.space, args.num, args.quiet)
+    table.save(args.table)
 
 
 def cmd_extend(args: argparse.Namespace) -> None:
@@ -108,9 +136,10 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(json.dumps({"header": table.header, "entries": len(table.entries)}, indent=2, default=str))
         return
     sys.stdout.write(yaml.safe_dump(table.header, sort_keys=False))
-    vals = sorted(e.median_us for e in table.entries.values())
+    vals = sorted(getattr(e, table.column) for e in table.entries.values())
     if vals:
-        print(f"entries: {len(vals)} ops, median {vals[len(vals) // 2]:.1f} us, min {vals[0]:.1f} us, max {vals[-1]:.1f} us")
+        print(f"entries ({table.protocol.statistic} latencies): {len(vals)} ops, median {vals[len(vals) // 2]:.1f} us, "
+              f"min {vals[0]:.1f} us, max {vals[-1]:.1f} us")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -131,10 +160,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
             ops += [neckhead_op(a, head) for a in archs]
         table.extend(ops, path=args.table, progress=not args.quiet)
-    import dataclasses
-
-    # End-to-end runs are few and long: time more of them than a table entry (binding fields unchanged).
-    protocol = dataclasses.replace(table.protocol, repeats=args.repeats, min_time_s=args.min_time)
+    protocol = _end_to_end(table.protocol, args.repeats, args.min_time)
     report = validate(table, archs, protocol, progress=not args.quiet, head=_head(args))
     paths = write_report(report, args.out)
     s = report.summary()
@@ -144,15 +170,16 @@ def cmd_validate(args: argparse.Namespace) -> None:
     what = "detectors (backbone + neck+head)" if _head(args) else "architectures"
     print(f"{report.n} {what} from {args.space}, {report.protocol}")
     print(f"{'predictor':22s} {'MAPE':>7s} {'±5%':>6s} {'±10%':>6s} {'tau':>6s} {'rho':>6s} {'bias':>7s}")
-    for name, acc in (("lookup table (sum)", report.lut), ("linear MACs+params", report.flops),
-                      ("table, calibrated*", report.calibrated), ("table vs raw runs**", report.raw)):
+    label = "lookup table*" if report.calibration else "lookup table (sum)"
+    for name, acc in ((label, report.lut), ("table, plain sum", report.plain_sum),
+                      ("linear MACs+params", report.flops), ("table vs raw runs**", report.raw)):
         if acc is not None:
             print(f"{name:22s} {acc.mape:6.1f}% {acc.within_5:6.2f} {acc.within_10:6.2f} {acc.kendall_tau:6.2f} "
                   f"{acc.spearman_rho:6.2f} {acc.bias:+6.1f}%")
     if report.calibration:
         c = report.calibration
-        print(f"* measured = {c.scale:.3f} x predicted + {c.offset_us / 1e3:.3f} ms, fitted on the first {c.fitted_on} "
-              f"architectures, scored on the other {report.n - c.fitted_on}")
+        print(f"* the sum of entries x {c['scale']}, the table's calibration: fitted on {c['archs']} other sampled "
+              f"networks ({c['fitted']}), none of them in this sample")
     if report.raw:
         print("** measured times not normalised by the reference workload timed alongside them (machine-speed drift "
               "left in)")
@@ -211,6 +238,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
         g.add_argument("--no-reference", dest="reference", action="store_false",
                        help="don't time the reference workload alongside each op (no drift normalisation)")
+        g.add_argument("--statistic", choices=("p10", "median"), default="p10",
+                       help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
 
     def detector(p: argparse.ArgumentParser, what: str) -> None:
         from nas.detect.head import NECKS, HeadConfig
@@ -239,7 +268,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing table")
     covering(p)
     measuring(p)
+    p.add_argument("--calibrate", type=int, default=30, metavar="N",
+                   help="then fit the table's calibration on N networks sampled from the first --space, measured "
+                        "end to end (default 30; 0: none)")
     p.set_defaults(func=cmd_build)
+
+    p = lut.add_parser("calibrate", help="(re)fit a table's calibration scale on sampled networks measured end to end")
+    p.add_argument("table", type=Path)
+    p.add_argument("--space", type=Path, required=True, help="search space to sample the networks from")
+    p.add_argument("-n", "--num", type=int, default=30, help="networks to measure (default 30)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
 
     p = lut.add_parser("extend", help="measure only the ops a table is missing (same protocol as the table)")
     p.add_argument("table", type=Path)

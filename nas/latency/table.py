@@ -3,7 +3,9 @@ backend; a network's latency is predicted as the sum over its ops, in microsecon
 detector adds one op: its neck + head (+ box decoding) behind the backbone's three feature maps (`NeckHeadOp`).
 
 File format (`nas/lut@1`, see docs/LATENCY.md): a commented YAML header (device, versions, protocol, date) and a
-CSV body sorted by op key, so tables are readable and diff cleanly.
+CSV body sorted by op key, so tables are readable and diff cleanly. An entry's latency is the protocol's statistic
+(p10 or median column). A table may carry a `calibration` (see `LatencyTable.calibrate`): one scale, fitted on
+sampled networks measured end to end, that `predict` applies to the sum and reports beside it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ COLUMNS = ("op", "median_us", "p10_us", "p90_us", "n")
 # Protocol fields that change the numbers themselves: a table is refused for a protocol that differs in these.
 BINDING = ("backend", "threads", "batch", "dtype")
 Shape = tuple[int, int, int]
+TABLE_STATISTICS = {"p10": "p10_us", "median": "median_us"}  # protocol statistic -> the column a table predicts with
+SCALE_RANGE = (0.5, 2.0)  # a calibration outside this says the table and the machine disagree: rebuild, don't scale
 
 
 class LatencyTableError(NasError):
@@ -121,8 +125,9 @@ class Entry:
 
 @dataclass(frozen=True)
 class Prediction:
-    total_us: float
-    blocks: tuple[tuple[str, str, float], ...]   # (block name, op key, µs)
+    total_us: float                              # sum_us x the table's calibration scale (1 without one)
+    blocks: tuple[tuple[str, str, float], ...]   # (block name, op key, µs): the table's entries, uncalibrated
+    sum_us: float = 0.0                          # the plain sum of the entries
 
     @property
     def total_ms(self) -> float:
@@ -145,6 +150,17 @@ class LatencyTable:
         """The reference workload's time this table's entries are normalised to (None: raw numbers)."""
         v = self.header.get("reference_us")
         return float(v) if v else None
+
+    @property
+    def scale(self) -> float:
+        """The calibration scale `predict` applies (1.0 for an uncalibrated table)."""
+        c = self.header.get("calibration")
+        return float(c["scale"]) if c else 1.0
+
+    @property
+    def column(self) -> str:
+        """Entry field holding the protocol's statistic."""
+        return TABLE_STATISTICS[self.protocol.statistic]
 
     @property
     def name(self) -> str:
@@ -178,12 +194,13 @@ class LatencyTable:
         if head is not None:
             ops.append(("neck+head", neckhead_op(arch, head).key))
         rows, missing = [], []
+        column = self.column
         for name, key in ops:
             e = self.entries.get(key)
             if e is None:
                 missing.append(f"{name}: {key}")
                 continue
-            rows.append((name, key, e.median_us))
+            rows.append((name, key, getattr(e, column)))
         if missing:
             table = self.path or "TABLE"
             shown = "; ".join(missing[:3]) + (f"; ... ({len(missing)} in all)" if len(missing) > 3 else "")
@@ -195,11 +212,15 @@ class LatencyTable:
             raise LatencyTableError(
                 f"latency table {self.path or self.name} has no entry for {len(missing)} op(s) of {arch.name!r}: "
                 f"{shown}. Add them with {' and '.join(fixes)}")
-        return Prediction(sum(r[2] for r in rows), tuple(rows))
+        total = sum(r[2] for r in rows)
+        return Prediction(total * self.scale, tuple(rows), total)
 
     # ------------------------------------------------------------ measuring
     @classmethod
     def new(cls, protocol: Protocol, name: str, space: str | None = None, notes: str | None = None) -> "LatencyTable":
+        if protocol.statistic not in TABLE_STATISTICS:
+            raise ConfigError("latency protocol", "statistic", f"a table stores {' or '.join(TABLE_STATISTICS)} "
+                                                               f"latencies, not {protocol.statistic!r}")
         header = {"format": FORMAT, "name": name, "unit": "microseconds",
                   "device": {k: _plain(v) for k, v in environment(protocol).items() if k != "protocol"},
                   "protocol": protocol.to_dict(), "space": space}
@@ -278,7 +299,7 @@ class LatencyTable:
         if header.get("format") != FORMAT:
             raise ConfigError(source, "header.format", f"expected {FORMAT!r}, got {header.get('format')!r}")
         check_keys(header, ("format", "name", "unit", "device", "protocol", "space", "notes", "updated", "imported_from",
-                    "reference_us"),
+                    "reference_us", "calibration"),
                    source, "header")
         proto = require_mapping(read(header, "protocol", dict, source, "header"), source, "header.protocol")
         check_keys(proto, [f.name for f in fields(Protocol)], source, "header.protocol")  # suggests the nearest key
@@ -288,6 +309,10 @@ class LatencyTable:
             raise ConfigError(source, f"header.protocol.{e.field}", e.message) from None
         except TypeError as e:
             raise ConfigError(source, "header.protocol", str(e)) from None
+        if proto.get("statistic", "p10") not in TABLE_STATISTICS:
+            raise ConfigError(source, "header.protocol.statistic", f"a table holds {' or '.join(TABLE_STATISTICS)} "
+                                                                   f"latencies, got {proto.get('statistic')!r}")
+        _check_calibration(header.get("calibration"), source)
         if not body or tuple(c.strip() for c in body[0][1].split(",")) != COLUMNS:
             raise ConfigError(source, "columns", f"expected the column line {','.join(COLUMNS)}")
         entries = {}
@@ -312,6 +337,18 @@ class LatencyTable:
         table = cls.loads(text, str(p))
         table.path = p
         return table
+
+
+def _check_calibration(c: Any, source: str) -> None:
+    if c is None:
+        return
+    c = require_mapping(c, source, "header.calibration")
+    check_keys(c, ("scale", "archs", "seed", "fitted"), source, "header.calibration")
+    v = c.get("scale")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not SCALE_RANGE[0] <= v <= SCALE_RANGE[1]:
+        raise ConfigError(source, "header.calibration.scale",
+                          f"must be a number in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], got {v!r}; re-fit it with "
+                          f"`nas lut calibrate TABLE --space SPACE.yaml`")
 
 
 def _plain(v: Any) -> Any:

@@ -16,7 +16,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         "trials": args.trials, "timeout_s": args.timeout, "storage": args.storage, "study": args.study,
         "seed": args.seed, "workers": args.workers, "output": args.output, "device": args.device, "scope": args.scope,
         "num_classes": args.classes, "evaluator.neck": args.neck,
-        "tensorboard_every": args.tb_every,
+        "tensorboard_every": args.tb_every, "heartbeat_s": args.heartbeat, "grace_s": args.grace,
         "evaluator.kind": args.evaluator, "evaluator.proxy": args.proxy, "evaluator.epochs": args.epochs,
     })
     print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
@@ -75,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu | cuda:0 for evaluation")
     p.add_argument("--tb-every", type=int, metavar="K",
                    help="TensorBoard Pareto figure every K trials in RUN/tb (default 25; 0 = no TensorBoard)")
+    p.add_argument("--heartbeat", type=int, metavar="S",
+                   help="SQL storages: seconds between a running trial's heartbeats (default 10)")
+    p.add_argument("--grace", type=int, metavar="S",
+                   help="SQL storages: a trial silent this many seconds is failed and retried (default 30; "
+                        "must exceed --heartbeat)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_search)

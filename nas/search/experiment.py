@@ -10,6 +10,7 @@ import yaml
 
 from nas.config import _short, check_keys, load_yaml, read, require_mapping, suggest
 from nas.errors import ConfigError
+from nas.search.study import GRACE_S, HEARTBEAT_S
 
 if TYPE_CHECKING:
     from nas.detect.model import HeadConfig
@@ -59,6 +60,8 @@ class Experiment:
     output: str = "runs"
     device: str = "cpu"
     tensorboard_every: int = 25    # Pareto figure in RUN/tb every K finished trials (and at the end); 0 = no TensorBoard
+    heartbeat_s: int = HEARTBEAT_S  # SQL storages: a running trial's heartbeat period, in seconds
+    grace_s: int = GRACE_S         # SQL storages: a trial silent this long (its worker died) is failed and retried
     source: str = field(default="<experiment>", compare=False)
 
     @property
@@ -148,6 +151,8 @@ def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None
         device=read(d, "device", str, source, None, default="cpu"),
         tensorboard_every=read(d, "tensorboard_every", int, source, None, default=25,
                                check=lambda v: None if v >= 0 else "must be >= 0 (0 turns TensorBoard off)"),
+        heartbeat_s=read(d, "heartbeat_s", int, source, None, default=HEARTBEAT_S),
+        grace_s=read(d, "grace_s", int, source, None, default=GRACE_S),
         source=source,
     )
     return check(exp)
@@ -160,6 +165,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "trials": (1, 10**7), "workers": (1, 256), "num_classes": (1, 10_000), "evaluator.resolution": (32, 4096),
     "evaluator.batch": (1, 4096), "evaluator.epochs": (1, 10_000), "evaluator.imgsz": (32, 4096),
     "evaluator.train_batch": (1, 4096), "evaluator.train_images": (1, 10**7), "evaluator.val_images": (1, 10**7),
+    "heartbeat_s": (1, 86_400), "grace_s": (2, 7 * 86_400),
 }
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
 NECKS = ("yolov8", "dw")
@@ -178,6 +184,9 @@ def _check_ranges(exp: Experiment) -> None:
         v = getattr(exp, name)
         if v is not None and not v > 0:
             raise ConfigError(s, name, f"must be positive, got {v}")
+    if exp.grace_s <= exp.heartbeat_s:  # else every live trial between two heartbeats looks dead
+        raise ConfigError(s, "grace_s", f"must be longer than heartbeat_s ({exp.heartbeat_s}), got {exp.grace_s}; "
+                                        f"2-3 heartbeats is usual")
     ev = exp.evaluator
     for name, value, choices in (("pruner", ev.pruner, PRUNERS), ("neck", ev.neck, NECKS)):
         if value not in choices:  # else a typo would silently mean "no pruning" or fail every trial

@@ -2,6 +2,7 @@
 with #params and MACs as the baselines every proxy has to beat."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable
 
@@ -231,6 +232,65 @@ def zen(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) -> 
     return _log(sq.sqrt().mean(), "feature-map change") + sum(log_scales)
 
 
+# The training-speed proxy trains on real images of its own size, whatever resolution/batch the random-input proxies
+# use: 16 steps of 4 images at 128 px (~1.5 CPU s). On 30 archs 16x4 ranked trained mAP at tau 0.43, 16x8 at 0.35
+# and 8x8 at 0.21 (docs/BENCHMARKS.md); 15 other archs confirmed the choice.
+TSE_STEPS = 16
+TSE_BATCH = 4
+TSE_RESOLUTION = 128
+TSE_CLASSES = 10      # DigitsDet's digits
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_batches(resolution: int, batch: int, steps: int, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """`steps` batches of DigitsDet images rendered in memory (no files, nothing downloaded): (images in [0, 1],
+    targets (N, 6) = batch index, class, cx, cy, w, h normalised), the same for every architecture."""
+    import numpy as np
+
+    from nas.detect.digits import DigitsParams, digit_sizes, load_glyphs, make_image
+
+    glyphs, classes = load_glyphs()["train"]
+    lo, hi = digit_sizes(resolution)
+    params = DigitsParams(n_train=batch * steps, n_val=0, imgsz=resolution, seed=seed, min_size=lo, max_size=hi)
+    out = []
+    for b in range(steps):
+        imgs, targets = [], []
+        for i in range(batch):
+            img, boxes = make_image(params, "train", b * batch + i, glyphs, classes)
+            imgs.append(torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255))
+            for c, x1, y1, x2, y2 in boxes:
+                targets.append([i, c, (x1 + x2) / 2 / resolution, (y1 + y2) / 2 / resolution,
+                                (x2 - x1) / resolution, (y2 - y1) / resolution])
+        out.append((torch.stack(imgs), torch.tensor(targets, dtype=torch.float32).reshape(-1, 6)))
+    return tuple(out)
+
+
+def tse(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) -> float:
+    """Training speed estimate (Ru et al. 2021): minus the mean detection loss over the first TSE_STEPS AdamW
+    steps of the whole detector (dw neck, YOLOv8 loss) on DigitsDet images rendered in memory, TSE_BATCH images of
+    TSE_RESOLUTION px each (`resolution` and `batch` are the random-input proxies' and are not used). Not
+    zero-cost: it trains, briefly; a network that learns faster in its first steps leads after a short training."""
+    from nas.detect.loss import DetectionLoss
+    from nas.detect.model import Detector
+
+    res, batch = TSE_RESOLUTION, TSE_BATCH
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Detector(arch, TSE_CLASSES, neck="dw").to(device).train()
+    criterion = DetectionLoss(TSE_CLASSES, model.strides, model.reg_max)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for imgs, targets in _digits_batches(res, batch, TSE_STEPS, seed):
+        loss, _ = criterion(model(imgs.to(device)), targets.to(device), res)
+        if not bool(torch.isfinite(loss)):
+            raise ProxyError(f"training loss is {float(loss.detach())!r} at step {len(losses) + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()) / len(imgs))
+    return -sum(losses) / len(losses)
+
+
 def params(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) -> float:
     """log #parameters of the backbone (baseline)."""
     return _log(arch_cost(arch, resolution).params, "parameter count")
@@ -243,7 +303,7 @@ def macs(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) ->
 
 PROXIES: dict[str, Callable[[ArchSpec, int, int, int, str], float]] = {
     "synflow": synflow, "grad_norm": grad_norm, "snip": snip, "naswot": naswot, "entropy": entropy,
-    "zen": zen, "params": params, "macs": macs,
+    "zen": zen, "tse": tse, "params": params, "macs": macs,
 }
 
 

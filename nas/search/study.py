@@ -20,8 +20,8 @@ from nas.config import suggest
 from nas.errors import ConfigError, NasError
 
 SAMPLERS = {"tpe", "nsga2", "nsga3", "random", "gp", "qmc", "cmaes", "bruteforce"}
-HEARTBEAT_S = 10          # RDB heartbeat period; a trial silent for GRACE_S is declared dead and retried
-GRACE_S = 30
+HEARTBEAT_S = 10          # defaults of the experiment's heartbeat_s / grace_s: the RDB heartbeat period; a trial
+GRACE_S = 30              # silent for GRACE_S is declared dead and retried
 MAX_RETRY = 3
 MAX_FAILED_IN_A_ROW = 10  # consecutive failed trials after which a worker stops with the reason
 WORKER_ATTR = "nas:worker"  # host:pid of the process running a trial (journal storages have no heartbeat)
@@ -74,9 +74,10 @@ def make_sampler(name: str, seed: int, multi_objective: bool) -> optuna.samplers
         return cls()
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """SQLAlchemy URLs get heartbeats (a dead worker's trial is failed and retried); journal:///FILE and
-    redis://HOST give journal storages, which parallel workers on one machine (file) or many (Redis) can share."""
+def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> optuna.storages.BaseStorage:
+    """SQLAlchemy URLs get heartbeats every `heartbeat_s` (a trial silent for `grace_s` is failed and retried);
+    journal:///FILE and redis://HOST give journal storages, which parallel workers on one machine (file) or many
+    (Redis) can share."""
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -92,7 +93,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API: stable enough
     try:
         storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
         if url.startswith("sqlite"):
@@ -193,7 +194,7 @@ def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if exp.workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // exp.workers))
-    storage = make_storage(exp.storage_url())
+    storage = make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s)
     study = open_study(exp, storage, seed=exp.seed + index)
     if isinstance(storage, optuna.storages.JournalStorage):
         fail_dead_local_trials(study)
@@ -215,6 +216,10 @@ def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | Non
                 time.sleep(0.5)  # the last trials are running elsewhere; if their worker dies they come back
                 if isinstance(storage, optuna.storages.JournalStorage):
                     fail_dead_local_trials(study)
+                else:
+                    # optimize() fails stale trials only when it starts one: without this, a dead worker's trial
+                    # holding one of the last slots would keep this worker waiting forever.
+                    optuna.storages.fail_stale_trials(study)
                 continue
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
             if watch.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
@@ -287,7 +292,8 @@ def run(exp, progress: bool = True) -> optuna.Study:
         bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
         if bad:
             raise NasError(f"{len(bad)} worker process(es) exited with codes {bad}; rerun the same command to resume")
-    study = optuna.load_study(study_name=exp.study_name, storage=make_storage(exp.storage_url()))
+    study = optuna.load_study(study_name=exp.study_name,
+                              storage=make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s))
     if logger:  # after every worker: the final figure sees the whole study (the logger flushes after each trial)
         logger.finish(study)
     return study

@@ -137,7 +137,7 @@ class TensorBoardLogger:
         fig = pareto_figure(points, members, budget_ms=budget, baselines=baselines, score_label=score_label(self.exp),
                             title=f"{study.study_name}: {len(points)} trials, {len(members)} on the front, "
                                   f"latency table {table}",
-                            highlight=knee(members) if members else None)
+                            highlight=knee(members) if members else None, scope=self.exp.scope)
         self.writer.add_image("pareto/front", figure_to_array(fig), step, dataformats="HWC")
         self.writer.add_scalar("search/front_size", len(members), step)
         if members:

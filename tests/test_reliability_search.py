@@ -1,0 +1,212 @@
+"""`nas search` as real processes on real storages: a worker SIGKILLed mid-trial (the heartbeat fails its trial,
+Optuna retries it, re-running finishes the study and keeps every finished trial) and four workers on one study."""
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from nas.arch.spec import dumps_arch, loads_arch
+from nas.errors import ConfigError
+from nas.search.experiment import apply_overrides, experiment_from_dict
+from nas.search.study import make_storage
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# A real evaluator made slow by its setting alone: grad_norm at 512 px takes ~1 s per tiny candidate here,
+# long enough to observe the trial inside the evaluator and kill it there.
+SLOW = {"kind": "proxy", "proxy": "grad_norm", "resolution": 512, "batch": 8}
+FAST = {"kind": "proxy", "proxy": "params", "resolution": 64}
+WAIT_S = 120  # per process: far above the few seconds each needs, so only a hang trips it
+
+
+@pytest.fixture
+def pg_study():
+    """(URL, a study name no other test uses); the study is deleted afterwards."""
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+    except OSError:
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    name = f"nas-reliability-{uuid.uuid4().hex[:10]}"
+    yield PG_URL, name
+    try:
+        optuna.delete_study(study_name=name, storage=PG_URL)
+    except KeyError:  # the test failed before a worker created it
+        pass
+
+
+def _experiment(path: Path, tiny_dir, tiny_table, **kw) -> Path:
+    # by default a budget far above any tiny candidate: every trial runs the evaluator
+    d = {"format": "nas/experiment@1", "name": "rel", "space": str(tiny_dir / "space.yaml"),
+         "table": str(tiny_table.path), "budget_ms": 1000.0, "mode": "constraint", "scope": "backbone",
+         "sampler": "random", "tensorboard_every": 0, "evaluator": FAST, "output": str(path.parent / "runs")}
+    d.update(kw)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _search(exp: Path, *args: str, log: Path) -> subprocess.Popen:
+    # one intra-op thread whatever the caller's environment: several workers share this machine's cores
+    with log.open("a") as out:
+        return subprocess.Popen([sys.executable, "-m", "nas", "search", str(exp), "--quiet", *args],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=exp.parent,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        proc.wait(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"`nas search` (pid {proc.pid}) still running after {WAIT_S} s:\n{log.read_text()[-3000:]}")
+    assert proc.returncode == 0, f"`nas search` exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+
+
+def _trials(storage, study: str) -> list[optuna.trial.FrozenTrial]:
+    """Straight from the storage: no Study object, no cache between the test and the workers."""
+    return storage.get_all_trials(storage.get_study_id_from_name(study))
+
+
+def _kill_mid_trial(proc: subprocess.Popen, storage, study: str, after: int, log: Path) -> int:
+    """SIGKILL the worker as soon as, with `after` trials COMPLETE, a trial is RUNNING inside the evaluator (its arch
+    recorded, no score yet); returns that trial's number."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the worker exited ({proc.returncode}) before it could be killed:\n{log.read_text()[-3000:]}")
+        try:
+            trials = _trials(storage, study)
+        except KeyError:  # the worker is still importing; it creates the study
+            trials = []
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        busy = [t.number for t in trials if t.state == TrialState.RUNNING and "arch" in t.user_attrs
+                and "score" not in t.user_attrs]
+        if busy and done >= after:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return busy[0]
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"no trial was running after {after} complete within {WAIT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("kind,n,after", [
+    ("sqlite", 2, 1),       # the last trial dies: the re-run has nothing to start and must reap it while it waits
+    ("postgresql", 3, 1),   # a middle one dies: the re-run reaps it when it starts its next trial (or while waiting)
+])
+def test_killed_worker_trial_is_retried_and_rerun_completes(kind, n, after, tiny_dir, tiny_table, tmp_path, request):
+    if kind == "postgresql":
+        url, study = request.getfixturevalue("pg_study")
+    else:
+        url, study = f"sqlite:///{tmp_path / 'study.db'}", "rel"
+    # 1 s heartbeats, 4 s grace: a dead trial is reaped in seconds, a live one on this busy core is not
+    exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=n, storage=url, study=study,
+                      evaluator=SLOW, heartbeat_s=1, grace_s=4)
+    log = tmp_path / "search.log"
+    reader = make_storage(url)  # made before the worker starts, so the two never race to create the tables
+    dead = _kill_mid_trial(_search(exp, log=log), reader, study, after, log)
+
+    before = {t.number: t for t in _trials(reader, study)}
+    assert before[dead].state == TrialState.RUNNING, f"trial {dead} finished before the kill landed; rerun"
+    kept = {t.number: (t.params, t.values, t.user_attrs) for t in before.values() if t.state == TrialState.COMPLETE}
+    assert len(kept) >= after
+
+    _finish(_search(exp, log=log), log)  # the same command again
+    trials = _trials(reader, study)
+    by_number = {t.number: t for t in trials}
+    assert by_number[dead].state == TrialState.FAIL
+    # Optuna's RetryHeartbeatStaleTrialCallback queued exactly one copy of the dead trial, and it ran
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == dead]
+    assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in trials]
+    retry = retries[0]
+    assert retry.system_attrs["retry_history"] == [dead]
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == dead
+    # a retry inherits the dead trial's user attrs; a score (the dead one had none) shows the objective ran again
+    assert retry.number > dead and retry.state == TrialState.COMPLETE and "score" in retry.user_attrs
+    assert retry.params == by_number[dead].params
+    assert retry.user_attrs["predicted_ms"] == by_number[dead].user_attrs["predicted_ms"]  # the same candidate
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == n
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # nothing finished before the kill was lost or rewritten
+    assert {k: (by_number[k].params, by_number[k].values, by_number[k].user_attrs) for k in kept} == kept
+
+
+def _median_budget(tiny_dir, tiny_table) -> float:
+    """Half the candidates over budget: both kinds of trial (scored, rejected unscored) are stored concurrently,
+    and the rejected ones skip the evaluator, which keeps 40 trials quick."""
+    from nas.space import load_space
+
+    space = load_space(tiny_dir / "space.yaml")
+    lat = sorted(tiny_table.predict(space.random(i)).total_ms for i in range(40))
+    mid = len(lat) // 2  # between two latencies: no stored (rounded) latency sits on the budget itself
+    return round((lat[mid - 1] + lat[mid]) / 2, 6)
+
+
+def _check_shared_study(storage, study: str, table, trials: int) -> None:
+    stored = _trials(storage, study)
+    assert sorted(t.number for t in stored) == list(range(len(stored)))  # unique, no gaps
+    complete = [t for t in stored if t.state == TrialState.COMPLETE]
+    assert len(complete) == trials
+    # the only other trials allowed are the surplus guard's: two workers both started the last missing trial
+    odd = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in stored
+           if t.state != TrialState.COMPLETE and not (t.state == TrialState.FAIL and t.user_attrs.get("surplus"))]
+    assert not odd
+    for t in complete:
+        text = t.user_attrs["arch"]
+        arch = loads_arch(text)
+        assert dumps_arch(arch) == text
+        assert arch.name.endswith(f"-trial-{t.number}")  # each trial stored its own candidate, not a neighbour's
+        assert round(table.predict(arch).total_ms, 4) == t.user_attrs["predicted_ms"]
+        if t.user_attrs["evaluated"]:  # the params proxy, scored on that very arch
+            assert math.isclose(t.value, math.log(t.user_attrs["params"]))
+        else:
+            # predicted_ms is stored rounded to 0.1 us: at worst equal to the budget it exceeded
+            assert t.user_attrs["predicted_ms"] >= t.user_attrs["budget_ms"] - 1e-4 and t.value == -math.inf
+    assert {t.user_attrs["evaluated"] for t in complete} == {True, False}
+    # the work was shared (how evenly depends on how fast each process imports)
+    assert len({t.system_attrs["nas:worker"] for t in complete}) >= 2
+
+
+def test_four_worker_processes_share_a_postgresql_study(tiny_dir, tiny_table, tmp_path, pg_study):
+    url, study = pg_study
+    exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=40,
+                      budget_ms=_median_budget(tiny_dir, tiny_table))
+    reader = make_storage(url)
+    # four separate commands, as on four machines: own run folder and seed, same storage and study
+    procs = [(_search(exp, "--storage", url, "--study", study, "--name", f"w{i}", "--seed", str(i),
+                      log=tmp_path / f"w{i}.log"), tmp_path / f"w{i}.log") for i in range(4)]
+    for proc, log in procs:
+        _finish(proc, log)
+    _check_shared_study(reader, study, tiny_table, 40)
+
+
+def test_four_local_workers_share_a_journal_file(tiny_dir, tiny_table, tmp_path):
+    url = f"journal:///{tmp_path / 'shared' / 'study.journal'}"
+    exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=40, storage=url,
+                      budget_ms=_median_budget(tiny_dir, tiny_table))
+    log = tmp_path / "search.log"
+    _finish(_search(exp, "--workers", "4", log=log), log)
+    _check_shared_study(make_storage(url), "rel", tiny_table, 40)
+
+
+def test_heartbeat_settings_are_validated(tiny_dir, tiny_table, tmp_path):
+    d = yaml.safe_load(_experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table).read_text())
+    exp = experiment_from_dict(d, "exp.yaml")
+    assert (exp.heartbeat_s, exp.grace_s) == (10, 30)  # the defaults stay as they were
+    assert apply_overrides(exp, {"heartbeat_s": 2, "grace_s": 5}).grace_s == 5
+    for change, field, words in ((dict(grace_s=10), "grace_s", "longer than heartbeat_s (10)"),
+                                 (dict(heartbeat_s=0), "heartbeat_s", "between 1 and"),
+                                 (dict(heartbeat_s=True), "heartbeat_s", "")):
+        with pytest.raises(ConfigError) as e:
+            experiment_from_dict({**d, **change}, "exp.yaml")
+        assert e.value.field == field and words in str(e.value)
