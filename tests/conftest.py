@@ -59,6 +59,16 @@ def tiny_table(tiny_space, tiny_dir) -> LatencyTable:
     return t
 
 
+@pytest.fixture(scope="session")
+def det_space(tmp_path_factory):
+    """The DET space (a detector: features at strides 8/16/32) and its table file: (space YAML, table path)."""
+    d = tmp_path_factory.mktemp("det_tiny")
+    (d / "space.yaml").write_text(yaml.safe_dump(DET))
+    table = LatencyTable.new(FAST, "det-tiny-test", space="det-tiny")
+    table.extend(space_from_dict(DET, str(d / "space.yaml")).ops(), path=d / "table.csv", progress=False)
+    return d / "space.yaml", table.path
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits made

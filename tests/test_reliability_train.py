@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DET, FAST
 from optuna.trial import TrialState
 
 import nas.detect.train as train_mod
@@ -28,11 +27,9 @@ from nas.cli import main
 from nas.detect.checkpoint import load_checkpoint
 from nas.detect.digits import generate_digits
 from nas.detect.train import TrainConfig, train
-from nas.latency.table import LatencyTable
 from nas.search import proxies
 from nas.search.experiment import experiment_from_dict
 from nas.search.study import run
-from nas.space import space_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "mobilenet_v3_small_100"
@@ -176,15 +173,6 @@ def test_a_real_nan_inside_a_proxy_is_a_proxy_error(tiny_space, monkeypatch):
     for name in ("grad_norm", "naswot", "zen", "synflow", "snip", "entropy"):
         with pytest.raises(proxies.ProxyError, match="NaN"):
             proxies.score(arch, name, resolution=64, batch=4)
-
-
-@pytest.fixture(scope="module")
-def det_space(tmp_path_factory):
-    d = tmp_path_factory.mktemp("det")
-    (d / "space.yaml").write_text(yaml.safe_dump(DET))
-    table = LatencyTable.new(FAST, "det-rel", space="det-tiny")
-    table.extend(space_from_dict(DET, str(d / "space.yaml")).ops(), path=d / "table.csv", progress=False)
-    return d / "space.yaml", table.path
 
 
 def test_failing_short_trainings_are_failed_trials_and_the_study_completes(det_space, tmp_path, monkeypatch):

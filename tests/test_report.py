@@ -13,7 +13,7 @@ from tensorboard.util import tensor_util
 from nas.arch.backbone import build_backbone
 from nas.arch.spec import dumps_arch, load_arch, loads_arch
 from nas.cli import main
-from nas.report import Point, front, hypervolume, knee, pareto_indices, trial_points
+from nas.report import Baseline, Point, front, hypervolume, knee, pareto_indices, trial_points
 from nas.search.experiment import experiment_from_dict
 from nas.search.study import run
 from nas.space import load_space
@@ -238,3 +238,9 @@ def test_zoo_baselines_use_the_table_and_the_evaluator(tiny_table, tmp_path):
     assert len(notes) == 3 and all("skipped" in n and "nas lut extend" in n for n in notes)
     fig = pareto_figure([Point(0, 1.0, 2.0)], [Point(0, 1.0, 2.0)], budget_ms=1.5, baselines=got)
     assert figure_to_array(fig).shape[2] == 3
+    assert fig.axes[0].get_xlabel() == "predicted latency (ms)"
+    near = [Baseline(f"zoo-{i}", 1.0 + 0.01 * i, 2.0) for i in range(4)]  # four stars nearly on top of each other
+    fig = pareto_figure([Point(0, 1.0, 2.0)], [], baselines=near, scope="detector")
+    assert fig.axes[0].get_xlabel() == "predicted latency, whole detector (ms)"
+    offsets = [t.xyann[1] for t in fig.axes[0].texts]
+    assert len(set(offsets)) == 4  # each label at its own height: none printed over another

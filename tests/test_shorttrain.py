@@ -4,31 +4,18 @@ import math
 import threading
 
 import optuna
-import pytest
 import yaml
 from optuna.trial import TrialState
 
 import nas.detect.digits as digits_mod
 import nas.detect.train as train_mod
-from conftest import DET, FAST
-from nas.latency.table import LatencyTable
 from nas.search.experiment import experiment_from_dict
 from nas.search.shorttrain import trial_data
 from nas.search.study import run
-from nas.space import space_from_dict
 
 # The shared TINY space has features at strides 4/8/16; the detector needs 8/16/32.
 EVALUATOR = {"kind": "train", "epochs": 2, "imgsz": 64, "train_batch": 8, "train_images": 16, "val_images": 8,
              "pruner": "median"}
-
-
-@pytest.fixture(scope="module")
-def det_space(tmp_path_factory):
-    d = tmp_path_factory.mktemp("det_tiny")
-    (d / "space.yaml").write_text(yaml.safe_dump(DET))
-    table = LatencyTable.new(FAST, "det-tiny-test", space="det-tiny")
-    table.extend(space_from_dict(DET, str(d / "space.yaml")).ops(), path=d / "table.csv", progress=False)
-    return d / "space.yaml", table.path
 
 
 def _exp(det_space, tmp_path, **kw):

@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, help="finished trials the study should hold")
     p.add_argument("--timeout", type=float, help="stop this worker after this many seconds")
     p.add_argument("--evaluator", choices=["proxy", "train"], help="zero-cost proxy or short training")
-    p.add_argument("--proxy", help="proxy name (synflow, grad_norm, snip, naswot, entropy, zen, params, macs)")
+    p.add_argument("--proxy", help="proxy name: macs (default), params, synflow, grad_norm, snip, naswot, entropy, zen, tse")
     p.add_argument("--epochs", type=int, help="epochs of the short-training evaluator")
     p.add_argument("--storage", help="Optuna storage: sqlite:///F, postgresql://..., journal:///F, redis://...")
     p.add_argument("--study", help="study name (default: the run name)")

@@ -24,7 +24,7 @@ SCOPES = ("backbone", "detector")
 @dataclass(frozen=True)
 class EvaluatorConfig:
     kind: str = "proxy"            # proxy | train
-    proxy: str = "synflow"         # proxy name (kind: proxy)
+    proxy: str = "macs"            # proxy name (kind: proxy); macs ranked short-trained mAP best (BENCHMARKS.md)
     resolution: int = 160          # proxy input resolution
     batch: int = 8
     # short training (kind: train)
