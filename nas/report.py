@@ -288,10 +288,14 @@ def pareto_figure(points: Sequence[Point], members: Sequence[Point], *, budget_m
         ax.scatter([b.predicted_ms for b in baselines], [b.score for b in baselines], marker="*", s=150, color="C2",
                    edgecolors="k", linewidths=0.6, zorder=6, label="zoo baselines")
         # Neighbouring stars take turns above and below, further out each time, so labels don't overprint.
+        # Labels of the right-most quarter point left, so they stay inside the axes, clear of the legend.
+        xs_all = [p.predicted_ms for p in points] + [b.predicted_ms for b in baselines] + [budget_ms or 0.0]
+        lo_x, hi_x = min(xs_all), max(xs_all)
         for i, b in enumerate(sorted(baselines, key=lambda b: b.predicted_ms)):
             dy = (1 if i % 2 == 0 else -1) * (6 + 9 * (i % 4 // 2))
-            ax.annotate(b.name, (b.predicted_ms, b.score), xytext=(6, dy), textcoords="offset points", fontsize=7,
-                        va="bottom" if dy > 0 else "top",
+            left = b.predicted_ms > lo_x + 0.75 * (hi_x - lo_x)
+            ax.annotate(b.name, (b.predicted_ms, b.score), xytext=(-6 if left else 6, dy), textcoords="offset points",
+                        fontsize=7, va="bottom" if dy > 0 else "top", ha="right" if left else "left",
                         arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.5})
     what = {"detector": ", whole detector", "backbone": ", backbone only"}.get(scope or "", "")
     ax.set_xlabel(f"predicted latency{what} (ms)")
