@@ -70,7 +70,10 @@ def check_onnx(model: nn.Module, path: str | Path, imgsz: int, atol: float = 1e-
     by 1.45e-3 between the runtimes, float32 rounding over ~100 layers, so the relative part is 1e-4, not 1e-5.
     """
     import onnx
-    import onnxruntime as ort
+
+    from nas.latency.profile import _import_ort
+
+    ort = _import_ort()  # telemetry off
 
     path = Path(path)
     try:

@@ -210,3 +210,32 @@ def test_heartbeat_settings_are_validated(tiny_dir, tiny_table, tmp_path):
         with pytest.raises(ConfigError) as e:
             experiment_from_dict({**d, **change}, "exp.yaml")
         assert e.value.field == field and words in str(e.value)
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_search_writes_only_into_its_run_folder(tiny_dir, tiny_table, tmp_path):
+    """Nothing outside RUN (output/name): not in the working directory, HOME, or the temp dir once it is done;
+    TensorBoard figures on, so matplotlib and the event writer are exercised too."""
+    work, home, tmp = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
+    for d in (work, home, tmp):
+        d.mkdir()
+    exp = _experiment(work / "exp.yaml", tiny_dir, tiny_table, trials=6, tensorboard_every=3,
+                      output=str(tmp_path / "out"))
+    before = _files(tmp_path)
+    log = tmp_path / "search.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nas", "search", str(exp), "--quiet"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=work,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(home), "TMPDIR": str(tmp),
+                                     "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(home / ".mpl")})
+    _finish(proc, log)
+    new = _files(tmp_path) - before - {log}
+    run_dir = tmp_path / "out" / "rel"
+    # the one exception, documented in the README: matplotlib's font cache, in MPLCONFIGDIR (default ~/.matplotlib)
+    outside = sorted(str(p.relative_to(tmp_path)) for p in new
+                     if run_dir not in p.parents and home / ".mpl" not in p.parents)
+    assert not outside, outside
+    assert (run_dir / "study.db").is_file() and any((run_dir / "tb").rglob("events.*"))

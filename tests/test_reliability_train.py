@@ -370,3 +370,23 @@ def test_damaged_results_csv_on_resume_names_the_row(stopped_run, tmp_path, caps
     csv_path.unlink()  # the fix works: the resume goes on, with the resumed epoch's row only
     assert main(_resume(run_dir)) == 0
     assert [r["epoch"] for r in _csv(csv_path)] == ["2"]
+
+
+def test_training_writes_only_into_its_run_folder(digits, tmp_path):
+    """`nas train` with ONNX export and TensorBoard: new files only under PROJECT/NAME (and matplotlib's font
+    cache, the documented exception), none in the working directory, HOME or the temp dir."""
+    work, home, tmp = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
+    for d in (work, home, tmp):
+        d.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(tmp),
+           "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(home / ".mpl")}
+    r = subprocess.run(_nas("train", f"zoo:{ARCH}", "--data", digits, "--epochs", "1", "--imgsz", "64", "--batch", "8",
+                            "--workers", "0", "--project", str(tmp_path / "proj"), "--name", "run", "--quiet"),
+                       env=env, cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = tmp_path / "proj" / "run"
+    new = [p for p in tmp_path.rglob("*") if p.is_file()]
+    outside = sorted(str(p.relative_to(tmp_path)) for p in new
+                     if run_dir not in p.parents and home / ".mpl" not in p.parents)
+    assert not outside, outside
+    assert (run_dir / "weights" / "last.pt").is_file()

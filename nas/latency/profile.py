@@ -216,6 +216,10 @@ def _summary(values: np.ndarray, statistic: str) -> float:
 
 
 def _import_ort() -> Any:
+    """onnxruntime with its telemetry off. Since 1.2x its Linux wheels upload usage events and keep a device id in
+    ~/.cache/Microsoft (seen with 1.32); nas sends nothing anywhere and writes only into its run folder. The switch
+    is read once, when onnxruntime initialises, so it is set before the first import (a user's own value wins)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime
     except ImportError as err:
