@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from nas.arch.spec import dumps_arch  # noqa: E402
 from nas.errors import ConfigError, NasError
 
 BASELINES = ("mobilenet_v2_100", "mobilenet_v3_large_100", "mobilenet_v3_small_100", "mobilenet_v4_conv_small",
@@ -294,13 +295,7 @@ def search_task(task: dict[str, Any]) -> dict[str, Any]:
         members = []
     return {"name": exp.name, "run_dir": str(exp.run_dir), "wall_s": round(wall, 1), "trials": summary(study),
             "front_size": len(front(study)), "budget_ms": exp.budget_ms,
-            "members": [{"label": m.label, "score": m.score, "arch": dumps(m.arch)} for m in members]}
-
-
-def dumps(arch) -> str:
-    from nas.arch.spec import dumps_arch
-
-    return dumps_arch(arch)
+            "members": [{"label": m.label, "score": m.score, "arch": dumps_arch(m.arch)} for m in members]}
 
 
 def run_searches(args, exp, budgets, space: Path, out: Path, pool) -> list[dict[str, Any]]:
@@ -559,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # every model once: the baselines serve both budgets, a front member found by both searches trains once
         entrants: dict[str, dict[str, Any]] = {}
         for name in args.baseline_names:
-            entrants[name] = {"source": "zoo", "arch": dumps(get_arch(name)), "budgets": [x["tag"] for x in budgets]}
+            entrants[name] = {"source": "zoo", "arch": dumps_arch(get_arch(name)), "budgets": [x["tag"] for x in budgets]}
         for bud, s in zip(budgets, searches):
             for m in s["members"]:
                 same = next((k for k, e in entrants.items() if e["arch"] == m["arch"]), None)

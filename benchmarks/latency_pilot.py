@@ -13,7 +13,7 @@ import time
 
 from nas.latency.profile import Protocol
 from nas.latency.table import LatencyTable, arch_ops
-from nas.latency.validate import calibrate, calibration_archs, validate
+from nas.latency.validate import calibrate, calibration_archs, validate, validation_archs
 from nas.space import load_space
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the per-arch rows here (JSON)")
     args = ap.parse_args()
     space = load_space(args.space)
-    archs = [space.random(args.seed * 100_003 + i, name=f"sample-{i}") for i in range(args.n)]
+    archs = validation_archs(space, args.n, args.seed)
     protocol = Protocol(backend=args.backend, repeats=args.repeats, min_time_s=args.min_time, warmup_runs=3,
                         warmup_s=0.01, reference=not args.no_reference, statistic=args.statistic)
     table = LatencyTable.new(protocol, "pilot")

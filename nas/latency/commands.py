@@ -144,12 +144,12 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     from nas.latency.table import LatencyTable
-    from nas.latency.validate import validate, write_report
+    from nas.latency.validate import validate, validation_archs, write_report
     from nas.space import load_space
 
     table = LatencyTable.load(args.table)
     space = load_space(args.space)
-    archs = [space.random(args.seed * 100_003 + i, name=f"sample-{i}") for i in range(args.num)]
+    archs = validation_archs(space, args.num, args.seed)
     if args.extend:
         from nas.latency.table import arch_ops
 

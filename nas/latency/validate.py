@@ -119,6 +119,11 @@ def calibration_archs(space: SearchSpace, n: int) -> list[ArchSpec]:
     return [space.random(CALIBRATION_SEED + i, name=f"calibration-{i}") for i in range(n)]
 
 
+def validation_archs(space: SearchSpace, n: int, seed: int) -> list[ArchSpec]:
+    """The `nas lut validate --seed` sample: seeds below 10^4 never reach the calibration stream."""
+    return [space.random(seed * 100_003 + i, name=f"sample-{i}") for i in range(n)]
+
+
 @dataclass
 class ValidationReport:
     table: str
