@@ -66,9 +66,9 @@ def parse_baselines(text: str | None) -> list[str]:
 
 
 def top_members(study, k: int, max_ms: float | None = None) -> list[Entrant]:
-    """The k front members with the highest search score (ties: the faster), best first; with `max_ms`, only
-    members predicted at or under it."""
-    from nas.arch.spec import loads_arch
+    """The k front members with the highest search score (ties: the faster), best first, each architecture once
+    (the earliest trial of the best-ranked); with `max_ms`, only members predicted at or under it."""
+    from nas.arch.spec import dumps_arch, loads_arch
     from nas.report import front
 
     members = [p for p in front(study) if max_ms is None or p.predicted_ms <= max_ms]
@@ -76,8 +76,15 @@ def top_members(study, k: int, max_ms: float | None = None) -> list[Entrant]:
         under = f" at or under {max_ms:g} ms" if max_ms is not None else ""
         raise NasError(f"study {study.study_name!r} has no feasible evaluated trial{under} yet: nothing to train "
                        f"(run more trials, or raise the budget)")
-    best = sorted(members, key=lambda p: (-(p.score or 0.0), p.predicted_ms, p.trial))[:k]
-    return [Entrant(f"trial-{p.trial}", "search", loads_arch(p.arch, f"trial {p.trial}"), p.score) for p in best]
+    out: list[Entrant] = []
+    seen: set[str] = set()
+    for p in sorted(members, key=lambda p: (-(p.score or 0.0), p.predicted_ms, p.trial)):
+        arch = loads_arch(p.arch, f"trial {p.trial}")
+        key = dumps_arch(replace(arch, name=""))  # a sampler may propose one arch twice: both land on the front
+        if key not in seen and len(out) < k:
+            seen.add(key)
+            out.append(Entrant(f"trial-{p.trial}", "search", arch, p.score))
+    return out
 
 
 def zoo_entrants(names: Sequence[str]) -> list[Entrant]:

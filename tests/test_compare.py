@@ -1,5 +1,6 @@
 """`nas train --from RUN`: front members and zoo baselines trained alike, measured side by side, compared."""
 import csv
+from dataclasses import replace
 import json
 
 import pytest
@@ -80,3 +81,25 @@ def test_train_from_run_user_errors(searched, capsys):
     assert "--from" in capsys.readouterr().err
     assert main(["train", "--from", str(exp.run_dir), "--baselines", "zoo:nope"]) == 2
     assert "--baselines" in capsys.readouterr().err
+
+
+def test_top_members_train_each_architecture_once():
+    """A sampler can propose one architecture twice; both trials sit on the front, but only one is trained."""
+    import optuna
+
+    from nas.arch.spec import dumps_arch
+    from nas.arch.zoo import get_arch
+    from nas.compare import top_members
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    archs = {k: get_arch(n) for k, n in [("a", "mobilenet_v3_small_100"), ("b", "mobilenet_v4_conv_small"),
+                                         ("c", "mobilenet_v2_100")]}
+    for number, (which, score, ms) in enumerate([("b", 1.0, 5.0), ("a", 2.0, 9.0), ("a", 2.0, 9.0), ("c", 0.5, 4.0)]):
+        arch = dumps_arch(replace(archs[which], name=f"s-trial-{number}"))
+        study.add_trial(optuna.trial.create_trial(values=[score, ms], user_attrs={
+            "arch": arch, "predicted_ms": ms, "score": score, "evaluated": True}))
+    picked = top_members(study, 2)
+    assert [m.label for m in picked] == ["trial-1", "trial-0"]  # trial-2 repeats trial-1's arch
+    assert [m.score for m in picked] == [2.0, 1.0]
+    assert [m.label for m in top_members(study, 3)] == ["trial-1", "trial-0", "trial-3"]
+    assert [m.label for m in top_members(study, 3, max_ms=5.0)] == ["trial-0", "trial-3"]

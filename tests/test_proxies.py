@@ -16,7 +16,8 @@ from nas.space import load_space
 
 RES, BATCH = 64, 4       # small enough for the whole file to run in seconds
 FORWARD = [n for n in PROXIES if n not in ("params", "macs")]
-BACKBONE_ONLY = [n for n in FORWARD if n != "tse"]  # tse trains the whole detector
+DETECTOR = ["tse", "zico"]  # these run the whole detector on DigitsDet images
+BACKBONE_ONLY = [n for n in FORWARD if n not in DETECTOR]
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +109,8 @@ def test_nan_forward_raises_proxy_error(proxy, monkeypatch):
     assert err.value.proxy == proxy and err.value.arch == "toy-w1-d1"
 
 
-def test_tse_trains_the_detector_and_fails_on_a_nan_loss(monkeypatch):
+@pytest.mark.parametrize("proxy", DETECTOR)
+def test_detector_proxies_fail_on_a_nan_loss(proxy, monkeypatch):
     from nas.detect import model as M
 
     batches = P._digits_batches(RES, BATCH, P.TSE_STEPS, 0)
@@ -122,8 +124,12 @@ def test_tse_trains_the_detector_and_fails_on_a_nan_loss(monkeypatch):
         return net
 
     monkeypatch.setattr(M, "build_backbone", poisoned)
-    with pytest.raises(ProxyError, match="'tse' failed on arch 'toy-w1-d1': training loss is nan at step 1"):
-        run(toy(), "tse")
+    with pytest.raises(ProxyError, match=f"'{proxy}' failed on arch 'toy-w1-d1': training loss is nan at step 1"):
+        run(toy(), proxy)
+
+
+def test_zico_sums_over_layers_so_deeper_scores_higher():
+    assert run(toy(depth=3), "zico") > run(toy(), "zico")
 
 
 def test_naswot_needs_two_images():

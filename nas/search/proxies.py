@@ -265,30 +265,78 @@ def _digits_batches(resolution: int, batch: int, steps: int, seed: int) -> tuple
     return tuple(out)
 
 
+def _digits_detector(arch: ArchSpec, seed: int, device: str):
+    """The whole detector (dw neck, DigitsDet's classes) seeded from `seed`, in train mode, with its loss."""
+    from nas.detect.loss import DetectionLoss
+    from nas.detect.model import Detector
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Detector(arch, TSE_CLASSES, neck="dw").to(device).train()
+    return model, DetectionLoss(TSE_CLASSES, model.strides, model.reg_max)
+
+
+def _checked_loss(criterion, model: nn.Module, imgs: torch.Tensor, targets: torch.Tensor, res: int,
+                  step: int, device: str) -> torch.Tensor:
+    loss, _ = criterion(model(imgs.to(device)), targets.to(device), res)
+    if not bool(torch.isfinite(loss)):
+        raise ProxyError(f"training loss is {float(loss.detach())!r} at step {step}")
+    return loss
+
+
 def tse(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) -> float:
     """Training speed estimate (Ru et al. 2021): minus the mean detection loss over the first TSE_STEPS AdamW
     steps of the whole detector (dw neck, YOLOv8 loss) on DigitsDet images rendered in memory, TSE_BATCH images of
     TSE_RESOLUTION px each (`resolution` and `batch` are the random-input proxies' and are not used). Not
     zero-cost: it trains, briefly; a network that learns faster in its first steps leads after a short training."""
-    from nas.detect.loss import DetectionLoss
-    from nas.detect.model import Detector
-
-    res, batch = TSE_RESOLUTION, TSE_BATCH
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Detector(arch, TSE_CLASSES, neck="dw").to(device).train()
-    criterion = DetectionLoss(TSE_CLASSES, model.strides, model.reg_max)
+    res = TSE_RESOLUTION
+    model, criterion = _digits_detector(arch, seed, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
-    for imgs, targets in _digits_batches(res, batch, TSE_STEPS, seed):
-        loss, _ = criterion(model(imgs.to(device)), targets.to(device), res)
-        if not bool(torch.isfinite(loss)):
-            raise ProxyError(f"training loss is {float(loss.detach())!r} at step {len(losses) + 1}")
+    for step, (imgs, targets) in enumerate(_digits_batches(res, TSE_BATCH, TSE_STEPS, seed), 1):
+        loss = _checked_loss(criterion, model, imgs, targets, res, step, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()) / len(imgs))
     return -sum(losses) / len(losses)
+
+
+# ZiCo's setting, fixed before it was measured here: the paper's two batches, of real DigitsDet images and labels
+# at the tse resolution, through the whole detector and its detection loss.
+ZICO_BATCHES = 2
+ZICO_BATCH = 8
+
+
+def zico(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) -> float:
+    """ZiCo (Li et al. 2023): Σ over conv/linear layers of log Σ_θ mean|g_θ| / std(g_θ), the gradient g_θ of the
+    detection loss taken on ZICO_BATCHES batches of DigitsDet images (whole detector, no weight update).
+    Weights whose gradient does not vary between batches (std 0) are left out, as in the paper. Like tse it
+    ignores `resolution` and `batch`."""
+    res = TSE_RESOLUTION
+    model, criterion = _digits_detector(arch, seed, device)
+    weights = _weights(model)
+    grads: list[list[torch.Tensor]] = [[] for _ in weights]
+    for step, (imgs, targets) in enumerate(_digits_batches(res, ZICO_BATCH, ZICO_BATCHES, seed), 1):
+        loss = _checked_loss(criterion, model, imgs, targets, res, step, device)
+        for store, g in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True)):
+            if g is not None:
+                store.append(g.detach())
+    total = 0.0
+    layers = 0
+    for store in grads:
+        if len(store) < ZICO_BATCHES:
+            continue  # a layer the loss does not reach
+        g = torch.stack(store)
+        _require_finite([g], "gradients")
+        mean, std = g.abs().mean(0), g.std(0)
+        varying = std > 0
+        if bool(varying.any()):
+            total += _log((mean[varying] / std[varying]).sum(), "a layer's mean/std gradient sum")
+            layers += 1
+    if not layers:
+        raise ProxyError("no layer's gradient varies between batches")
+    return total
 
 
 def params(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) -> float:
@@ -303,7 +351,7 @@ def macs(arch: ArchSpec, resolution: int, batch: int, seed: int, device: str) ->
 
 PROXIES: dict[str, Callable[[ArchSpec, int, int, int, str], float]] = {
     "synflow": synflow, "grad_norm": grad_norm, "snip": snip, "naswot": naswot, "entropy": entropy,
-    "zen": zen, "tse": tse, "params": params, "macs": macs,
+    "zen": zen, "tse": tse, "zico": zico, "params": params, "macs": macs,
 }
 
 
