@@ -46,6 +46,21 @@ def test_round_trip_names_floats_and_info(name, ls, info):
     assert dumps_arch(again) == text
 
 
+@pytest.mark.parametrize("text", ["a,b", "x]", "{y}", "k: v", "#c", "- z", "yes", "1.5", "ü"])
+def test_flow_style_strings_are_quoted(text):
+    """Stage names (listed in `features: [...]`) and info values are written in flow style, where a bare "," or
+    "]" would split or end the list: found with a stage named "a,b", which came back as "a"."""
+    import dataclasses
+
+    base = get_arch("mobilenet_v3_small_100")
+    renamed = {base.features[0]: text}
+    arch = dataclasses.replace(
+        base, stages=tuple(dataclasses.replace(st0, name=renamed.get(st0.name, st0.name)) for st0 in base.stages),
+        features=tuple(renamed.get(f, f) for f in base.features), info={"note": text})
+    again = loads_arch(dumps_arch(arch))
+    assert again == arch and again.features[0] == text and again.info["note"] == text
+
+
 def test_make_divisible_rules():
     assert [make_divisible(v) for v in (18, 30, 11.2, 5.6, 60, 4, 88.08)] == [24, 32, 16, 8, 64, 8, 88]
 

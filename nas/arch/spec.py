@@ -338,8 +338,8 @@ def _scalar(v: Any) -> str:
         return "[" + ", ".join(_scalar(x) for x in v) + "]"
     if isinstance(v, Mapping):
         return "{" + ", ".join(f"{_scalar(k)}: {_scalar(x)}" for k, x in v.items()) + "}"
-    out = yaml.safe_dump(str(v), default_flow_style=True, width=1 << 30)
-    return out.removesuffix("\n").removesuffix("\n...").strip()
+    # dumped inside a flow list, so that PyYAML quotes what a flow context would misread (",", "]", "{", ...)
+    return yaml.safe_dump([str(v)], default_flow_style=True, allow_unicode=True, width=1 << 30).strip()[1:-1]
 
 
 def block_to_dict(b: BlockSpec) -> dict[str, Any]:
