@@ -517,6 +517,7 @@ def exact_command(argv: list[str] | None) -> str:
 # ---------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    command = exact_command(argv)  # before this process pins itself or sets OMP_NUM_THREADS: as the user ran it
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by spawned workers before they import torch
     from nas.arch.spec import loads_arch
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "map50_95": spread([r["map50_95"] for r in runs]), "map50": spread([r["map50"] for r in runs]),
                        "seeds": runs, "train_wall_s": round(sum(r["wall_s"] for r in runs), 1),
                        "score": e.get("score"), "arch": e["arch"]}
-    report: dict[str, Any] = {"command": exact_command(argv), "settings": settings(args, exp),
+    report: dict[str, Any] = {"command": command, "settings": settings(args, exp),
                               "data": str(data), "environment": environment(table.protocol),
                               "budget_reference": b["reference"], "calibration_factor": b["factor"],
                               "wall_s": round(time.time() - T0, 1), "train_wall_s": round(train_wall, 1),

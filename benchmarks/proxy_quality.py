@@ -10,11 +10,16 @@ architecture being trained at the time is redone). Pin it to one core:
 
     taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/proxy_quality.py --n 30
     .venv/bin/python benchmarks/proxy_quality.py --report-only     # τ table from the CSV so far
+    .venv/bin/python benchmarks/proxy_quality.py --headline runs/headline/results.json --out runs/pq_headline
+
+`--headline` scores the models of a finished headline benchmark instead (searched and hand-designed, trained
+longer and at a higher resolution there) against their median mAP over seeds: a second, independent target.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 import time
@@ -26,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nas.arch.cost import arch_cost  # noqa: E402
-from nas.arch.spec import ArchSpec, save_arch  # noqa: E402
+from nas.arch.spec import ArchSpec, loads_arch, save_arch  # noqa: E402
 from nas.latency.table import LatencyTable  # noqa: E402
 from nas.search.experiment import EvaluatorConfig  # noqa: E402
 from nas.search.proxies import PROXIES, ProxyError, score  # noqa: E402
@@ -34,13 +39,15 @@ from nas.space import load_space  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("map50_95", "map50")
-# Not accuracy proxies, but worth a row: does the budget axis itself predict mAP?
-EXTRA = ("predicted_ms",)
+# Not accuracy proxies, but worth a row: does the budget axis itself predict mAP? (and, for --headline, does the
+# short training schedule rank the headline's long one?)
+EXTRA = ("predicted_ms", "short_train")
 
 
 def columns() -> list[str]:
     return ["seed", "arch", "resolution", "predicted_ms", "params_n", "macs_n", *PROXIES,
-            *[f"{p}_s" for p in PROXIES], "map50", "map50_95", "best_epoch", "train_s", "train_cpu_s"]
+            *[f"{p}_s" for p in PROXIES], "map50", "map50_95", "best_epoch", "train_s", "train_cpu_s",
+            "short_train"]
 
 
 def done_seeds(path: Path) -> set[int]:
@@ -92,18 +99,21 @@ def train_arch(arch: ArchSpec, data: str, out: Path, args: argparse.Namespace) -
             "train_cpu_s": round(time.process_time() - c0, 1)}
 
 
-def run(args: argparse.Namespace) -> None:
-    from nas.detect.digits import digit_sizes
-    from nas.detect.digits import ensure_digits
+def short_training_data(out: Path, args: argparse.Namespace) -> str:
+    from nas.detect.digits import digit_sizes, ensure_digits
 
+    lo, hi = digit_sizes(args.imgsz)
+    return str(ensure_digits(out / "digits", args.train_images, args.val_images, args.imgsz, args.data_seed,
+                             min_size=lo, max_size=hi, progress=False, workers=0))
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "proxy_quality.csv"
     space = load_space(args.space)
     table = LatencyTable.load(args.table)
-    lo, hi = digit_sizes(args.imgsz)
-    data = str(ensure_digits(out / "digits", args.train_images, args.val_images, args.imgsz, args.data_seed,
-                             min_size=lo, max_size=hi, progress=False, workers=0))
+    data = short_training_data(out, args)
     (out / "settings.txt").write_text("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())) + "\n")
     done = done_seeds(csv_path)
     todo = [s for s in range(args.first, args.first + args.n) if s not in done]
@@ -129,13 +139,36 @@ def run(args: argparse.Namespace) -> None:
     report(csv_path, out / "proxy_quality.md")
 
 
+def from_headline(args: argparse.Namespace) -> None:
+    """Every model of a headline results.json, proxies as the search computes them, target its median mAP."""
+    results = json.loads(Path(args.headline).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "proxy_quality.csv"
+    csv_path.unlink(missing_ok=True)
+    data = short_training_data(out, args)
+    for i, (label, r) in enumerate(results["models"].items()):
+        arch = loads_arch(r["arch"], f"{args.headline}: {label}")
+        row: dict[str, Any] = {"seed": i, "arch": label, "resolution": arch.resolution,
+                               "predicted_ms": math.nan if r["predicted_ms"] is None else r["predicted_ms"],
+                               "params_n": r["params"], "macs_n": r["macs"]}
+        row |= proxy_scores(arch, args.proxy_resolution, args.proxy_batch, args.proxy_seed)
+        short = train_arch(arch, data, out, args)  # the short schedule as a ranker of the headline's long one
+        row |= {"map50": r["map50"]["median"], "map50_95": r["map50_95"]["median"], "best_epoch": "",
+                "train_s": short["train_s"], "train_cpu_s": short["train_cpu_s"], "short_train": short["map50_95"]}
+        append_row(csv_path, row)
+        print(f"[{i + 1}/{len(results['models'])}] {label}: mAP50-95 {row['map50_95']:.4f}, after the short "
+              f"training {short['map50_95']:.4f}", file=sys.stderr)
+    report(csv_path, out / "proxy_quality.md")
+
+
 def report(csv_path: Path, md_path: Path) -> str:
     """Kendall τ (and its p-value) of every proxy with each target, best first by τ(mAP50-95)."""
     from scipy.stats import kendalltau
 
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
-    names = [*PROXIES, *EXTRA]
+    names = [n for n in (*PROXIES, *EXTRA) if rows and rows[0].get(n) not in (None, "")]
     stats = []
     for name in names:
         entry: dict[str, Any] = {"proxy": name}
@@ -191,11 +224,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--proxy-batch", type=int, default=EvaluatorConfig.batch)
     ap.add_argument("--proxy-seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="only recompute the τ table from the CSV")
+    ap.add_argument("--headline", metavar="RESULTS_JSON",
+                    help="score the models of a headline benchmark's results.json instead of training archs")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.report_only:
         out = Path(args.out)
         report(out / "proxy_quality.csv", out / "proxy_quality.md")
+        return
+    if args.headline:
+        from_headline(args)
         return
     run(args)
 

@@ -25,7 +25,7 @@ HEAD = HeadConfig(neck="dw", num_classes=10)  # DigitsDet's
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    """A 4-trial detector-scope search on a tiny detector space, with TensorBoard on, and a tiny DigitsDet."""
+    """An 8-trial detector-scope search on a tiny detector space, with TensorBoard on, and a tiny DigitsDet."""
     d = tmp_path_factory.mktemp("compare")
     (d / "space.yaml").write_text(yaml.safe_dump(DET))
     space = space_from_dict(DET, str(d / "space.yaml"))
@@ -33,7 +33,7 @@ def searched(tmp_path_factory):
     table.extend([*space.ops(), *space.neckhead_ops(HEAD)], path=d / "table.csv", progress=False)
     exp = experiment_from_dict({
         "format": "nas/experiment@1", "name": "cmp", "space": str(d / "space.yaml"), "table": str(d / "table.csv"),
-        "budget_ms": 1e4, "mode": "pareto", "sampler": "random", "trials": 4, "num_classes": 10,
+        "budget_ms": 1e4, "mode": "pareto", "sampler": "random", "trials": 8, "num_classes": 10,
         "tensorboard_every": 2, "evaluator": {"kind": "proxy", "proxy": "params", "resolution": 64},
         "output": str(d / "runs")}, "exp.yaml")
     run(exp, progress=False)

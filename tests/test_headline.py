@@ -47,6 +47,9 @@ def test_smoke_run_writes_parsable_outputs_and_resumes(tiny):
     out = tiny / "out"
     res = json.loads((out / "results.json").read_text())
     assert [b["tag"] for b in res["budgets"]] == ["b1", "b2"]
+    # the command as run: the script pins itself to a core for the final measurement, which must not leak into it
+    pinned = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    assert ("taskset" in res["command"]) == pinned and "--smoke" in res["command"]
     for b in res["budgets"]:
         searched = [row for row in b["rows"] if row["source"] == "search"]
         assert 1 <= len(searched) <= 2 and any(row["model"] == "mobilenet_v3_small_100" for row in b["rows"])

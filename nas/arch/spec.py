@@ -339,7 +339,7 @@ def _scalar(v: Any) -> str:
     if isinstance(v, Mapping):
         return "{" + ", ".join(f"{_scalar(k)}: {_scalar(x)}" for k, x in v.items()) + "}"
     # dumped inside a flow list, so that PyYAML quotes what a flow context would misread (",", "]", "{", ...)
-    return yaml.safe_dump([str(v)], default_flow_style=True, allow_unicode=True, width=1 << 30).strip()[1:-1]
+    return yaml.safe_dump([str(v)], default_flow_style=True, width=1 << 30).strip()[1:-1]
 
 
 def block_to_dict(b: BlockSpec) -> dict[str, Any]:
