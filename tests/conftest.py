@@ -59,6 +59,16 @@ def tiny_table(tiny_space, tiny_dir) -> LatencyTable:
     return t
 
 
+def median_budget(tiny_space, tiny_table) -> float:
+    """A budget with about half of the space's archs over it, halfway between two distinct predicted latencies:
+    a budget equal to one arch's (rounded) latency would make that arch's side depend on the rounding."""
+    lat = sorted(tiny_table.predict(tiny_space.random(i)).total_ms for i in range(40))
+    mid = len(lat) // 2
+    while mid < len(lat) - 1 and lat[mid] - lat[mid - 1] < 1e-3:
+        mid += 1
+    return round((lat[mid - 1] + lat[mid]) / 2, 6)
+
+
 @pytest.fixture(scope="session")
 def det_space(tmp_path_factory):
     """The DET space (a detector: features at strides 8/16/32) and its table file: (space YAML, table path)."""

@@ -13,10 +13,12 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import median_budget
 from optuna.trial import TrialState
 
 from nas.arch.spec import dumps_arch, loads_arch
 from nas.errors import ConfigError
+from nas.space import load_space
 from nas.search.experiment import apply_overrides, experiment_from_dict
 from nas.search.study import make_storage
 
@@ -141,17 +143,6 @@ def test_killed_worker_trial_is_retried_and_rerun_completes(kind, n, after, tiny
     assert {k: (by_number[k].params, by_number[k].values, by_number[k].user_attrs) for k in kept} == kept
 
 
-def _median_budget(tiny_dir, tiny_table) -> float:
-    """Half the candidates over budget: both kinds of trial (scored, rejected unscored) are stored concurrently,
-    and the rejected ones skip the evaluator, which keeps 40 trials quick."""
-    from nas.space import load_space
-
-    space = load_space(tiny_dir / "space.yaml")
-    lat = sorted(tiny_table.predict(space.random(i)).total_ms for i in range(40))
-    mid = len(lat) // 2  # between two latencies: no stored (rounded) latency sits on the budget itself
-    return round((lat[mid - 1] + lat[mid]) / 2, 6)
-
-
 def _check_shared_study(storage, study: str, table, trials: int) -> None:
     stored = _trials(storage, study)
     assert sorted(t.number for t in stored) == list(range(len(stored)))  # unique, no gaps
@@ -180,7 +171,7 @@ def _check_shared_study(storage, study: str, table, trials: int) -> None:
 def test_four_worker_processes_share_a_postgresql_study(tiny_dir, tiny_table, tmp_path, pg_study):
     url, study = pg_study
     exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=40,
-                      budget_ms=_median_budget(tiny_dir, tiny_table))
+                      budget_ms=median_budget(load_space(tiny_dir / "space.yaml"), tiny_table))
     reader = make_storage(url)
     # four separate commands, as on four machines: own run folder and seed, same storage and study
     procs = [(_search(exp, "--storage", url, "--study", study, "--name", f"w{i}", "--seed", str(i),
@@ -193,7 +184,7 @@ def test_four_worker_processes_share_a_postgresql_study(tiny_dir, tiny_table, tm
 def test_four_local_workers_share_a_journal_file(tiny_dir, tiny_table, tmp_path):
     url = f"journal:///{tmp_path / 'shared' / 'study.journal'}"
     exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=40, storage=url,
-                      budget_ms=_median_budget(tiny_dir, tiny_table))
+                      budget_ms=median_budget(load_space(tiny_dir / "space.yaml"), tiny_table))
     log = tmp_path / "search.log"
     _finish(_search(exp, "--workers", "4", log=log), log)
     _check_shared_study(make_storage(url), "rel", tiny_table, 40)
