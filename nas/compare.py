@@ -81,9 +81,11 @@ def top_members(study, k: int, max_ms: float | None = None) -> list[Entrant]:
     for p in sorted(members, key=lambda p: (-(p.score or 0.0), p.predicted_ms, p.trial)):
         arch = loads_arch(p.arch, f"trial {p.trial}")
         key = dumps_arch(replace(arch, name=""))  # a sampler may propose one arch twice: both land on the front
-        if key not in seen and len(out) < k:
+        if key not in seen:
             seen.add(key)
             out.append(Entrant(f"trial-{p.trial}", "search", arch, p.score))
+        if len(out) == k:
+            break
     return out
 
 

@@ -59,10 +59,11 @@ def tiny_table(tiny_space, tiny_dir) -> LatencyTable:
     return t
 
 
-def median_budget(tiny_space, tiny_table) -> float:
-    """A budget with about half of the space's archs over it, halfway between two distinct predicted latencies:
+def median_budget(tiny_dir, tiny_table) -> float:
+    """A budget with about half of the tiny space's archs over it, halfway between two distinct predicted latencies:
     a budget equal to one arch's (rounded) latency would make that arch's side depend on the rounding."""
-    lat = sorted(tiny_table.predict(tiny_space.random(i)).total_ms for i in range(40))
+    space = space_from_dict(TINY, str(tiny_dir / "space.yaml"))
+    lat = sorted(tiny_table.predict(space.random(i)).total_ms for i in range(40))
     mid = len(lat) // 2
     while mid < len(lat) - 1 and lat[mid] - lat[mid - 1] < 1e-3:
         mid += 1

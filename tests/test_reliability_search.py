@@ -18,7 +18,6 @@ from optuna.trial import TrialState
 
 from nas.arch.spec import dumps_arch, loads_arch
 from nas.errors import ConfigError
-from nas.space import load_space
 from nas.search.experiment import apply_overrides, experiment_from_dict
 from nas.search.study import make_storage
 
@@ -171,7 +170,7 @@ def _check_shared_study(storage, study: str, table, trials: int) -> None:
 def test_four_worker_processes_share_a_postgresql_study(tiny_dir, tiny_table, tmp_path, pg_study):
     url, study = pg_study
     exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=40,
-                      budget_ms=median_budget(load_space(tiny_dir / "space.yaml"), tiny_table))
+                      budget_ms=median_budget(tiny_dir, tiny_table))
     reader = make_storage(url)
     # four separate commands, as on four machines: own run folder and seed, same storage and study
     procs = [(_search(exp, "--storage", url, "--study", study, "--name", f"w{i}", "--seed", str(i),
@@ -184,7 +183,7 @@ def test_four_worker_processes_share_a_postgresql_study(tiny_dir, tiny_table, tm
 def test_four_local_workers_share_a_journal_file(tiny_dir, tiny_table, tmp_path):
     url = f"journal:///{tmp_path / 'shared' / 'study.journal'}"
     exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=40, storage=url,
-                      budget_ms=median_budget(load_space(tiny_dir / "space.yaml"), tiny_table))
+                      budget_ms=median_budget(tiny_dir, tiny_table))
     log = tmp_path / "search.log"
     _finish(_search(exp, "--workers", "4", log=log), log)
     _check_shared_study(make_storage(url), "rel", tiny_table, 40)

@@ -17,7 +17,6 @@ from nas.cli import main
 from nas.report import Baseline, Point, front, hypervolume, knee, pareto_indices, trial_points
 from nas.search.experiment import experiment_from_dict
 from nas.search.study import run
-from nas.space import load_space
 
 ALL = {"images": 0, "scalars": 0, "tensors": 0}
 
@@ -25,7 +24,7 @@ ALL = {"images": 0, "scalars": 0, "tensors": 0}
 def _exp(tiny_dir, tiny_table, out, **kw):
     d = {"format": "nas/experiment@1", "name": "p", "space": str(tiny_dir / "space.yaml"),
          "table": str(tiny_table.path),
-         "budget_ms": median_budget(load_space(tiny_dir / "space.yaml"), tiny_table), "mode": "pareto",
+         "budget_ms": median_budget(tiny_dir, tiny_table), "mode": "pareto",
          "sampler": "random", "trials": 10,
          "scope": "backbone",
          "tensorboard_every": 4, "evaluator": {"kind": "proxy", "proxy": "params", "resolution": 64},

@@ -12,14 +12,13 @@ from optuna.trial import TrialState
 
 from nas.arch.spec import loads_arch
 from nas.errors import ConfigError
-from nas.space import load_space
 from nas.search.experiment import apply_overrides, experiment_from_dict
 from nas.search.study import make_storage, mask_url, run
 
 
 def _exp(tiny_dir, tiny_table, tmp_path, **kw):
     d = {"format": "nas/experiment@1", "name": "t", "space": str(tiny_dir / "space.yaml"),
-         "table": str(tiny_table.path), "budget_ms": median_budget(load_space(tiny_dir / "space.yaml"), tiny_table),
+         "table": str(tiny_table.path), "budget_ms": median_budget(tiny_dir, tiny_table),
          "mode": "constraint",
          "scope": "backbone", "sampler": "tpe", "trials": 6, "evaluator": {"kind": "proxy", "proxy": "params", "resolution": 64},
          "output": str(tmp_path / "runs")}
