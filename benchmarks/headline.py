@@ -11,7 +11,9 @@ Steps (each prints a progress line with its wall time):
    same measurement gives the table's bias on these detectors: the searches get budget x predicted/measured, so
    that "under the budget" means the same thing to the search (table units) and to the verdict (measured).
 2. one search per budget (`nas search` on --experiment with overrides; its space pinned to --resolution), then
-   the --top-k front members predicted at or under the search budget.
+   its --rerank best front members predicted at or under the search budget are trained briefly (nas.rerank's
+   short schedule, ~1 CPU-min each) and the --top-k best of them by that mAP go on (--rerank 0: the --top-k best
+   by the search's score).
 3. those and the zoo baselines trained alike (same neck, head, DigitsDet data, schedule and seeds), one
    training per usable CPU core at a time, each pinned to its core with one thread.
 4. every compared detector measured end to end in ONE interleaved run (round-robin, many rounds, medians), with
@@ -48,11 +50,12 @@ from nas.errors import ConfigError, NasError
 BASELINES = ("mobilenet_v2_100", "mobilenet_v3_large_100", "mobilenet_v3_small_100", "mobilenet_v4_conv_small",
              "yolov8n_csp")
 BUDGET_MODELS = ("mobilenet_v4_conv_small", "mobilenet_v3_small_100")  # budget 1, budget 2
-SMOKE = {"trials": 24, "top_k": 2, "epochs": 1, "imgsz": 64, "batch": 8, "train_images": 32, "val_images": 16,
-         "seeds": [0], "baselines": "mobilenet_v3_small_100,mobilenet_v4_conv_small", "budget_rounds": 5,
-         "measure_rounds": 5}
+SMOKE = {"trials": 24, "top_k": 2, "rerank": 3, "epochs": 1, "imgsz": 64, "batch": 8, "train_images": 32,
+         "val_images": 16, "seeds": [0], "baselines": "mobilenet_v3_small_100,mobilenet_v4_conv_small",
+         "budget_rounds": 5, "measure_rounds": 5}
 # what makes a finished training or search reusable by a rerun: a change here means other numbers
-RESULT_SETTINGS = ("experiment", "space", "table", "resolution", "mode", "proxy", "trials", "epochs", "minutes",
+RESULT_SETTINGS = ("experiment", "space", "table", "resolution", "mode", "proxy", "trials", "rerank", "epochs",
+                   "minutes",
                    "imgsz", "batch", "train_images", "val_images", "data_seed", "neck", "calibrate")
 T0 = time.time()
 
@@ -112,6 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--proxy", help="zero-cost proxy of the search (default: the experiment's)")
     g.add_argument("--trials", type=int, default=300, help="trials per search (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=3, help="front members trained per budget (default: %(default)s)")
+    g.add_argument("--rerank", type=int, default=8,
+                   help="front members per budget short-trained to choose the --top-k among (0: choose by the "
+                        "search's score; default: %(default)s)")
     g = p.add_argument_group("training (identical for every model)")
     g.add_argument("--baselines", default=",".join(BASELINES),
                    help="comma-separated zoo names, or 'none' (default: %(default)s)")
@@ -156,6 +162,9 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.rerank and args.rerank <= args.top_k:
+        p.error(f"--rerank must be more than --top-k ({args.top_k}) to choose among them, got {args.rerank} "
+                "(0: no reranking)")
     for name in ("imgsz", "resolution"):
         v = getattr(args, name)
         if v < 32 or v % 32:
@@ -185,8 +194,9 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace, exp) -> dict[str, Any]:
     return {"experiment": str(args.experiment), "space": str(args.space or exp.space), "table": str(args.table),
             "resolution": args.resolution, "mode": exp.mode, "proxy": exp.evaluator.proxy, "trials": args.trials,
-            "top_k": args.top_k, "baselines": args.baseline_names, "seeds": args.seeds, "epochs": args.epochs,
-            "minutes": args.minutes, "imgsz": args.imgsz, "batch": args.batch, "train_images": args.train_images,
+            "top_k": args.top_k, "rerank": args.rerank, "baselines": args.baseline_names, "seeds": args.seeds,
+            "epochs": args.epochs, "minutes": args.minutes, "imgsz": args.imgsz, "batch": args.batch,
+            "train_images": args.train_images,
             "val_images": args.val_images, "data_seed": args.data_seed, "neck": exp.evaluator.neck,
             "num_classes": 10, "calibrate": args.calibrate, "jobs": args.jobs, "cores": args.cores,
             "budget_rounds": args.budget_rounds, "measure_rounds": args.measure_rounds, "smoke": args.smoke}
@@ -279,7 +289,8 @@ def measure_budgets(args, exp, table, head, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- searches
 
 def search_task(task: dict[str, Any]) -> dict[str, Any]:
-    """One search, run or resumed (nas.search.study.run adds only the missing trials)."""
+    """One search, run or resumed (nas.search.study.run adds only the missing trials); its k best front members
+    under the budget are the candidates."""
     from nas.compare import top_members
     from nas.report import front
     from nas.search.study import run, summary
@@ -306,22 +317,82 @@ def run_searches(args, exp, budgets, space: Path, out: Path, pool) -> list[dict[
                     scope="detector", tensorboard_every=0 if args.smoke else exp.tensorboard_every)
         marker = out / "searches" / name / "headline.json"
         prev = read_json(marker)
-        if isinstance(prev, dict) and prev.get("top_k") == args.top_k:
+        if isinstance(prev, dict) and prev.get("candidates") == n_candidates(args):
             log(f"search {name}: finished earlier ({prev['wall_s'] / 60:.1f} min), reused")
             done[b["tag"]] = prev
             continue
         # a search killed before its marker resumes its study; the killed part's wall time is not counted
-        tasks.append((b["tag"], marker, {"exp": e, "max_ms": b["search_budget_ms"], "top_k": args.top_k}))
+        tasks.append((b["tag"], marker, {"exp": e, "max_ms": b["search_budget_ms"], "top_k": n_candidates(args)}))
         log(f"search {name}: {e.mode} mode, {e.trials} trials, proxy {e.evaluator.proxy}, "
             f"budget {e.budget_ms:g} ms predicted (whole detector)")
     for (tag, marker, _), r in zip(tasks, pool.map(search_task, [t[2] for t in tasks])):
-        r["top_k"] = args.top_k
+        r["candidates"] = n_candidates(args)
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_json(marker, r)
-        log(f"search {r['name']}: done in {r['wall_s'] / 60:.1f} min, front {r['front_size']}, training "
+        log(f"search {r['name']}: done in {r['wall_s'] / 60:.1f} min, front {r['front_size']}, candidates "
             + (", ".join(m["label"] for m in r["members"]) or "none (no front member under the budget)"))
         done[tag] = r
     return [done[b["tag"]] for b in budgets]
+
+
+def n_candidates(args) -> int:
+    return max(args.top_k, args.rerank) if args.top_k else 0
+
+
+# ---------------------------------------------------------------- rerank
+
+def short_schedule(args, neck: str):
+    """nas.rerank's schedule; --smoke shrinks it to the smoke run's data and image size."""
+    from nas.rerank import ShortSchedule
+
+    if args.smoke:
+        return ShortSchedule(epochs=1, imgsz=args.imgsz, batch=args.batch, train_images=args.train_images,
+                             val_images=args.val_images, neck=neck)
+    return ShortSchedule(neck=neck)
+
+
+def rerank_task(task: dict[str, Any]) -> dict[str, Any]:
+    from nas.arch.spec import loads_arch
+    from nas.rerank import short_train
+
+    r = short_train(loads_arch(task["arch"], task["label"]), task["schedule"], task["data"], Path(task["dir"]))
+    log(f"rerank {task['label']}: mAP50-95 {r['map50_95']:.4f} after the short training ({r['train_s']:.0f} s)")
+    return {"label": task["label"], **r}
+
+
+def run_reranks(args, budgets, searches, neck: str, out: Path, pool) -> float:
+    """Short-train every search's candidates (one per core at a time, finished ones reused), then keep each
+    search's --top-k best by that mAP as its members; each candidate gets a `short` entry. Returns the wall time."""
+    from nas.arch.spec import loads_arch
+    from nas.compare import Entrant
+    from nas.rerank import Ranked, order
+
+    if not args.rerank:
+        for s in searches:
+            s["members"] = s["members"][:args.top_k]
+        return 0.0
+    schedule = short_schedule(args, neck)
+    data = schedule.dataset(out / "rerank")
+    tasks: dict[str, dict[str, Any]] = {}  # one per architecture: both searches may find the same one
+    for b, s in zip(budgets, searches):
+        for m in s["members"]:
+            label = next((k for k, t in tasks.items() if t["arch"] == m["arch"]), f"{b['tag']}-{m['label']}")
+            m["rerank_label"] = label
+            tasks.setdefault(label, {"label": label, "arch": m["arch"], "schedule": schedule, "data": data,
+                                     "dir": str(out / "rerank" / label)})
+    log(f"rerank: {len(tasks)} candidates, {schedule.epochs} epochs at {schedule.imgsz} px each, "
+        f"{len(args.cores)} at a time")
+    t = time.time()
+    results = {r["label"]: r for r in pool.map(rerank_task, sorted(tasks.values(), key=lambda x: x["label"]))}
+    for b, s in zip(budgets, searches):
+        by_label = {m["label"]: {**m, **results[m["rerank_label"]], "label": m["label"]} for m in s["members"]}
+        ranked = order(Ranked(Entrant(c["label"], "search", loads_arch(c["arch"], c["label"]), c["score"]),
+                              c["map50_95"], c["map50"], c["train_s"]) for c in by_label.values())
+        s["candidates_ranked"] = [{**by_label[x.entrant.label], "chosen": i < args.top_k} for i, x in enumerate(ranked)]
+        members = {m["label"]: m for m in s["members"]}
+        s["members"] = [members[x.entrant.label] for x in ranked[:args.top_k]]
+        log(f"rerank {b['tag']}: training " + ", ".join(m["label"] for m in s["members"]))
+    return time.time() - t
 
 
 # ---------------------------------------------------------------- trainings
@@ -456,7 +527,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"Latency: torch eager CPU, 1 thread, {st['resolution']} px, median of one interleaved run "
             f"({st['measure_rounds']} rounds); predicted: {Path(st['table']).name}. "
             "mAP: median [min-max] over seeds."), "",
-           (f"Wall time of this invocation: total {report['wall_s'] / 60:.1f} min, trainings "
+           (f"Wall time of this invocation: total {report['wall_s'] / 60:.1f} min, rerank "
+            f"{report['rerank_s'] / 60:.1f} min, trainings "
             f"{report['train_wall_s'] / 60:.1f} min (sum of all trainings' wall times "
             f"{report['train_cpu_s'] / 60:.1f} min, over {len(st['cores'])} core(s)), "
             f"final measurement {report['measure_s'] / 60:.1f} min."), ""]
@@ -467,6 +539,7 @@ def markdown(report: dict[str, Any]) -> str:
                 (f"Search: {st['mode']} mode, {st['trials']} trials, proxy {st['proxy']}, search budget "
                  f"{b['search_budget_ms']:.2f} ms predicted; wall time {s['wall_s'] / 60:.1f} min; front "
                  f"{s['front_size']}; training of its models {b['train_wall_s'] / 60:.1f} min (sum over seeds)."), "",
+                *rerank_table(s, st),
                 "| model | source | measured ms | predicted ms | params | MACs | mAP50-95 | mAP50 |",
                 "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in b["rows"]:
@@ -477,6 +550,22 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["", f"**Verdict: {'met' if v['ok'] else 'NOT met'}.** " + v["text"].replace("\n", "<br>"), "",
                 f"![mAP vs latency, {b['tag']}]({b['figure']})", ""]
     return "\n".join(out)
+
+
+def rerank_table(search: dict[str, Any], st: dict[str, Any]) -> list[str]:
+    ranked = search.get("candidates_ranked")
+    if not ranked:
+        return []
+    lines = [f"Rerank: the search's {len(ranked)} best front members under the budget by its score, ordered by "
+             f"mAP50-95 after the short training (nas.rerank); the first {st['top_k']} are trained below.", "",
+             "| candidate | predicted ms | MACs | search score | short-training mAP50-95 | trained |",
+             "|---|---:|---:|---:|---:|---|"]
+    for c in ranked:
+        pred = "-" if c.get("predicted_ms") is None else f"{c['predicted_ms']:.2f}"
+        score = "-" if c["score"] is None else f"{c['score']:.4g}"
+        lines.append(f"| {c['label']} | {pred} | {c['macs'] / 1e6:.1f}M | {score} | {c['map50_95']:.4f} | "
+                     f"{'yes' if c['chosen'] else ''} |")
+    return [*lines, ""]
 
 
 def figure(budget: dict[str, Any], others: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path,
@@ -552,10 +641,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"DigitsDet ready: {data} ({time.time() - t:.0f} s)")
 
         searches = run_searches(args, exp, budgets, space, out, pool)
+        rerank_s = run_reranks(args, budgets, searches, head.neck, out, pool)
         # every model once: the baselines serve both budgets, a front member found by both searches trains once
         entrants: dict[str, dict[str, Any]] = {}
         for name in args.baseline_names:
-            entrants[name] = {"source": "zoo", "arch": dumps_arch(get_arch(name)), "budgets": [x["tag"] for x in budgets]}
+            entrants[name] = {"source": "zoo", "arch": dumps_arch(get_arch(name)),
+                              "budgets": [x["tag"] for x in budgets]}
         for bud, s in zip(budgets, searches):
             for m in s["members"]:
                 same = next((k for k, e in entrants.items() if e["arch"] == m["arch"]), None)
@@ -568,6 +659,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             arch = loads_arch(e["arch"], label)
             e["params"], e["macs"] = detector_cost(arch, head, args.resolution)
             e["predicted_ms"] = predicted_ms(table, arch, head, args.resolution)
+        for s in searches:
+            for c in s.get("candidates_ranked", []):
+                arch = loads_arch(c["arch"], c["label"])
+                c["macs"] = detector_cost(arch, head, args.resolution)[1]
+                c["predicted_ms"] = predicted_ms(table, arch, head, args.resolution)
 
         t = time.time()
         trained = run_trainings(args, entrants, data, head.neck, out, pool)
@@ -596,7 +692,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"command": command, "settings": settings(args, exp),
                               "data": str(data), "environment": environment(table.protocol),
                               "budget_reference": b["reference"], "calibration_factor": b["factor"],
-                              "wall_s": round(time.time() - T0, 1), "train_wall_s": round(train_wall, 1),
+                              "wall_s": round(time.time() - T0, 1), "rerank_s": round(rerank_s, 1),
+                              "train_wall_s": round(train_wall, 1),
                               "train_cpu_s": round(sum(r["train_wall_s"] for r in rows.values()), 1),
                               "measure_s": round(measure_s, 1), "budgets": [], "models": rows}
     for bud in budgets:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from nas.arch.cost import arch_cost  # noqa: E402
 from nas.arch.spec import ArchSpec, loads_arch, save_arch  # noqa: E402
 from nas.latency.table import LatencyTable  # noqa: E402
+from nas.rerank import ShortSchedule, short_train  # noqa: E402
 from nas.search.experiment import EvaluatorConfig  # noqa: E402
 from nas.search.proxies import PROXIES, ProxyError, score  # noqa: E402
 from nas.space import load_space  # noqa: E402
@@ -83,28 +84,16 @@ def proxy_scores(arch: ArchSpec, resolution: int, batch: int, seed: int) -> dict
     return row
 
 
+def schedule(args: argparse.Namespace) -> ShortSchedule:
+    return ShortSchedule(epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, optimizer=args.optimizer,
+                         lr0=args.lr0, neck=args.neck, seed=args.train_seed, train_images=args.train_images,
+                         val_images=args.val_images, data_seed=args.data_seed)
+
+
 def train_arch(arch: ArchSpec, data: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from nas.detect.train import TrainConfig, train
-
-    cfg = TrainConfig(
-        arch=arch, data=data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, neck=args.neck,
-        optimizer=args.optimizer, lr0=args.lr0,
-        seed=args.train_seed, warmup_epochs=min(TrainConfig.warmup_epochs, args.epochs / 3),
-        val_interval=args.val_every or args.epochs,  # default: evaluate once, after the last epoch
-        project=str(out / "train"), name=arch.name, exist_ok=True,  # a killed arch restarts from scratch
-        workers=0, threads=1, progress=False, tensorboard=False)
-    c0 = time.process_time()
-    r = train(cfg)
-    return {"map50": r.map50, "map50_95": r.map50_95, "best_epoch": r.best_epoch, "train_s": round(r.seconds, 1),
-            "train_cpu_s": round(time.process_time() - c0, 1)}
-
-
-def short_training_data(out: Path, args: argparse.Namespace) -> str:
-    from nas.detect.digits import digit_sizes, ensure_digits
-
-    lo, hi = digit_sizes(args.imgsz)
-    return str(ensure_digits(out / "digits", args.train_images, args.val_images, args.imgsz, args.data_seed,
-                             min_size=lo, max_size=hi, progress=False, workers=0))
+    """nas.rerank's short training (the schedule the framework reranks candidates with) into out/train."""
+    r = short_train(arch, schedule(args), data, out / "train" / arch.name)
+    return {**r, "best_epoch": args.epochs}  # evaluated once, after the last epoch
 
 
 def run(args: argparse.Namespace) -> None:
@@ -113,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
     csv_path = out / "proxy_quality.csv"
     space = load_space(args.space)
     table = LatencyTable.load(args.table)
-    data = short_training_data(out, args)
+    data = schedule(args).dataset(out)
     (out / "settings.txt").write_text("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())) + "\n")
     done = done_seeds(csv_path)
     todo = [s for s in range(args.first, args.first + args.n) if s not in done]
@@ -146,7 +135,7 @@ def from_headline(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "proxy_quality.csv"
     csv_path.unlink(missing_ok=True)
-    data = short_training_data(out, args)
+    data = schedule(args).dataset(out)
     for i, (label, r) in enumerate(results["models"].items()):
         arch = loads_arch(r["arch"], f"{args.headline}: {label}")
         row: dict[str, Any] = {"seed": i, "arch": label, "resolution": arch.resolution,
@@ -206,19 +195,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=30, help="architectures: space.random(seed), seed in first..first+n-1")
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--limit", type=int, help="train at most this many new archs in this invocation")
-    # Measured with one arch on one thread: 6 epochs of 600 images at 128 px cost ~3 CPU-minutes; AdamW reached
-    # mAP50-95 0.067 where SGD at 160 px was still at 0 after an epoch. This default fits 30 archs in ~50 CPU-min.
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--imgsz", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--neck", default=EvaluatorConfig.neck)
-    ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
+    # The short training: nas.rerank.ShortSchedule's defaults. Measured with one arch on one thread: 6 epochs of
+    # 600 images at 128 px cost ~3 CPU-minutes; AdamW reached mAP50-95 0.067 where SGD at 160 px was still at 0
+    # after an epoch. The defaults fit 30 archs in ~50 CPU-min.
+    d = ShortSchedule()
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--imgsz", type=int, default=d.imgsz)
+    ap.add_argument("--batch", type=int, default=d.batch)
+    ap.add_argument("--neck", default=d.neck)
+    ap.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"])
     ap.add_argument("--lr0", type=float, help="initial LR (default: the trainer's, 0.01 SGD / 0.001 AdamW)")
-    ap.add_argument("--train-images", type=int, default=500)
-    ap.add_argument("--val-images", type=int, default=150)
-    ap.add_argument("--data-seed", type=int, default=0)
-    ap.add_argument("--train-seed", type=int, default=0)
-    ap.add_argument("--val-every", type=int, default=0, help="evaluate every N epochs (0: only after the last)")
+    ap.add_argument("--train-images", type=int, default=d.train_images)
+    ap.add_argument("--val-images", type=int, default=d.val_images)
+    ap.add_argument("--data-seed", type=int, default=d.data_seed)
+    ap.add_argument("--train-seed", type=int, default=d.seed)
     # the proxy evaluator's own defaults, so τ describes what the search actually ranks by
     ap.add_argument("--proxy-resolution", type=int, default=EvaluatorConfig.resolution)
     ap.add_argument("--proxy-batch", type=int, default=EvaluatorConfig.batch)

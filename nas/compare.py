@@ -236,8 +236,22 @@ def cmd_compare(args, train_kwargs: dict[str, Any]) -> list[Row]:
         raise ConfigError("command line", "--from", "trains the run's front members: give no ARCH and no --resume")
     if args.top_k < 0:
         raise ConfigError("command line", "--top-k", f"must be >= 0, got {args.top_k}")
+    if args.rerank and args.rerank <= args.top_k:
+        raise ConfigError("command line", "--rerank", f"must be more than --top-k ({args.top_k}) to choose among "
+                                                      f"them, got {args.rerank} (0: no reranking)")
     r = open_run(args.from_run)
-    entrants = top_members(r.study, args.top_k) if args.top_k else []
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))  # stdout: the table or JSON
+    entrants = top_members(r.study, max(args.top_k, args.rerank)) if args.top_k else []
+    ranked = []
+    if args.rerank and entrants:
+        from nas.rerank import ShortSchedule, rerank
+
+        schedule = ShortSchedule(neck=train_kwargs.get("neck") or r.exp.evaluator.neck, data=train_kwargs.get("data"))
+        log(f"reranking the {len(entrants)} best front members by a short training ({schedule.epochs} epochs at "
+            f"{schedule.imgsz} px) into {r.run_dir / 'compare' / 'rerank'}")
+        ranked = rerank(entrants, schedule, r.run_dir / "compare" / "rerank", log,
+                        **{k: train_kwargs[k] for k in ("device", "threads", "workers") if k in train_kwargs})
+        entrants = [x.entrant for x in ranked[:args.top_k]]
     entrants += zoo_entrants(parse_baselines(args.baselines))
     if not entrants:
         raise ConfigError("command line", "--top-k/--baselines", "nothing to train: ask for front members or baselines")
@@ -259,7 +273,6 @@ def cmd_compare(args, train_kwargs: dict[str, Any]) -> list[Row]:
     base = TrainConfig(arch=entrants[0].arch, progress=not args.quiet, **kw)
     out = r.run_dir / "compare"
     table = None if args.no_measure else r.table(None, "measuring the detectors")
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))  # stdout: the table or JSON
     rows = compare(entrants, base, out, head, table.protocol if table else None, table, log)
     budget = exp.budget_ms if exp.scope == "detector" else None  # a backbone budget is not on this axis
     epochs = f"{base.epochs} epoch{'s' * (base.epochs != 1)}"
@@ -269,7 +282,10 @@ def cmd_compare(args, train_kwargs: dict[str, Any]) -> list[Row]:
     if args.json:
         import json
 
-        print(json.dumps({"rows": [asdict(x) for x in rows], **{k: str(v) for k, v in paths.items()}}, indent=2))
+        print(json.dumps({"rows": [asdict(x) for x in rows],
+                          "rerank": [{"model": x.entrant.label, "score": x.entrant.score, "map50_95": x.map50_95,
+                                      "map50": x.map50, "train_s": x.train_s} for x in ranked],
+                          **{k: str(v) for k, v in paths.items()}}, indent=2))
     else:
         print(markdown(rows, title))
         print("wrote " + ", ".join(str(v) for k, v in paths.items() if k != "tensorboard"))

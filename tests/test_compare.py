@@ -75,8 +75,27 @@ def test_train_from_run_compares_front_members_and_baselines(searched, capsys):
     assert any(t.startswith("compare/table") for t in acc.Tags()["tensors"])
 
 
+def test_train_from_run_reranks_by_a_short_training(searched, capsys):
+    """--rerank 3 --top-k 1: three front members short-trained, the best by that mAP is the one trained."""
+    exp, data = searched
+    argv = ["train", "--from", str(exp.run_dir), "--top-k", "1", "--rerank", "3", "--baselines", "none",
+            "--data", data, "--epochs", "1", "--imgsz", "64", "--batch", "8", "--workers", "0", "--no-measure",
+            "--quiet", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    ranked = out["rerank"]
+    assert len(ranked) == 3 and len({r["model"] for r in ranked}) == 3
+    assert [r["map50_95"] for r in ranked] == sorted((r["map50_95"] for r in ranked), reverse=True)
+    assert [r["model"] for r in out["rows"]] == [ranked[0]["model"]]
+    for r in ranked:  # short-trained on the given data with the short schedule's size, not --imgsz
+        args = yaml.safe_load((exp.run_dir / "compare" / "rerank" / r["model"] / "args.yaml").read_text())
+        assert args["data"] == data and args["imgsz"] == 128 and args["epochs"] == 4 and args["neck"] == "dw"
+
+
 def test_train_from_run_user_errors(searched, capsys):
     exp, _ = searched
+    assert main(["train", "--from", str(exp.run_dir), "--top-k", "2", "--rerank", "2"]) == 2
+    assert "--rerank" in capsys.readouterr().err
     assert main(["train", "zoo:mobilenet_v3_small_100", "--from", str(exp.run_dir)]) == 2
     assert "--from" in capsys.readouterr().err
     assert main(["train", "--from", str(exp.run_dir), "--baselines", "zoo:nope"]) == 2

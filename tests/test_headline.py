@@ -59,14 +59,22 @@ def test_smoke_run_writes_parsable_outputs_and_resumes(tiny):
             assert 0 <= row["map50_95"]["min"] <= row["map50_95"]["median"] <= row["map50_95"]["max"] <= 1
             assert len(row["seeds"]) == 1 and Path(row["seeds"][0]["weights"]).is_file()
         assert all(row["predicted_ms"] is not None for row in searched)  # the table covers the searched models
+        # the smoke run reranks 3 candidates (fewer if the front under the budget is smaller) and trains the best 2
+        ranked = b["search"]["candidates_ranked"]
+        assert len(searched) == min(2, len(ranked)) and sum(c["chosen"] for c in ranked) == len(searched)
+        assert [c["map50_95"] for c in ranked] == sorted((c["map50_95"] for c in ranked), reverse=True)
+        chosen = {c["arch"] for c in ranked if c["chosen"]}
+        assert {row["arch"] for row in searched} == chosen
         assert (out / b["figure"]).stat().st_size > 10_000
     md = (out / "headline.md").read_text()
     assert md.count("| model | source | measured ms | predicted ms |") == 2 and "Verdict" in md
+    assert md.count("| candidate | predicted ms | MACs | search score | short-training mAP50-95 |") == 2
     assert "VERDICT b1" in r.stdout and "VERDICT b2" in r.stdout
 
     again = headline(tiny)  # nothing left to search or train: only the final measurement runs again
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "search_b1_1000ms: finished earlier" in again.stdout and "trainings: 0 to run" in again.stdout
+    assert "rerank b1: training" in again.stdout and "after the short training" in again.stdout
 
     clash = headline(tiny, "--epochs", "2")
     assert clash.returncode != 0 and "epochs: 1 then, 2 now" in clash.stderr

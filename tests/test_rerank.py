@@ -1,0 +1,46 @@
+"""nas.rerank: candidates short-trained alike, ordered by their mAP, finished trainings reused."""
+import math
+
+import pytest
+from conftest import DET
+
+from nas.compare import Entrant
+from nas.rerank import Ranked, ShortSchedule, order, rerank
+from nas.space import space_from_dict
+
+TINY = ShortSchedule(epochs=1, imgsz=64, batch=8, train_images=16, val_images=8)
+
+
+def test_order_best_map_first_then_score_nan_last():
+    def r(label, m, score):
+        return Ranked(Entrant(label, "search", None, score), m, m, 1.0)
+
+    got = order([r("a", 0.2, 1.0), r("b", math.nan, 9.0), r("c", 0.3, 0.5), r("d", 0.2, 2.0)])
+    assert [x.entrant.label for x in got] == ["c", "d", "a", "b"]
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    space = space_from_dict(DET, "det.yaml")
+    return [Entrant(f"trial-{s}", "search", space.random(s, name=f"c{s}"), float(s)) for s in range(3)]
+
+
+def test_rerank_trains_each_candidate_once_and_orders_by_short_map(candidates, tmp_path):
+    logged = []
+    ranked = rerank(candidates, TINY, tmp_path, logged.append)
+    assert sorted(x.entrant.label for x in ranked) == ["trial-0", "trial-1", "trial-2"]
+    maps = [x.map50_95 for x in ranked]
+    assert maps == sorted(maps, reverse=True) and all(0 <= m <= 1 for m in maps)
+    for e in candidates:
+        assert (tmp_path / e.label / "short.json").is_file() and (tmp_path / e.label / "weights" / "last.pt").is_file()
+    assert len(logged) == 3 and all("after 1 epochs at 64 px" in s for s in logged)
+
+    # a rerun reuses every finished training (their weights are not rewritten) and gives the same order
+    stamps = {e.label: (tmp_path / e.label / "weights" / "last.pt").stat().st_mtime_ns for e in candidates}
+    again = rerank(candidates, TINY, tmp_path, lambda s: None)
+    assert [(x.entrant.label, x.map50_95) for x in again] == [(x.entrant.label, x.map50_95) for x in ranked]
+    assert stamps == {e.label: (tmp_path / e.label / "weights" / "last.pt").stat().st_mtime_ns for e in candidates}
+
+    # another schedule is another result: the marker does not hide it
+    rerank(candidates[:1], ShortSchedule(**{**TINY.__dict__, "seed": 1}), tmp_path, lambda s: None)
+    assert (tmp_path / "trial-0" / "weights" / "last.pt").stat().st_mtime_ns != stamps["trial-0"]
