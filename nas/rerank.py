@@ -1,11 +1,12 @@
 """Rerank a search's best candidates by a short identical training before the long ones.
 
 A zero-cost proxy orders a whole space well enough to steer a search, but not the few front members that end up
-next to the budget: in the headline benchmark (docs/BENCHMARKS.md) the top three by MACs were <3% apart in MACs
-and 0.05 apart in mAP50-95, and MACs put the best one second at both budgets (Kendall τ +0.06 with the 8-epoch
-mAP over the 11 compared models). The short schedule below (4 epochs at 128 px on a small DigitsDet, AdamW, ~50
-CPU seconds per model) ranked the same 11 models with τ +0.60 and put the best first at both budgets, so the
-search's top N are trained with it and the best K by its mAP go on to the long training.
+next to the budget: in the first headline benchmark run (docs/BENCHMARKS.md) the top three by MACs were <3% apart
+in MACs and 0.05 apart in mAP50-95, and MACs put the best one second at both budgets (Kendall τ +0.06 with the
+8-epoch mAP over the 11 compared models). The short schedule below (4 epochs at 128 px on a small DigitsDet,
+AdamW, 20-50 CPU seconds per model) ranked the same 11 models with τ +0.60, so the search's top N are trained
+with it and the best K by its mAP go on to the long training. Its mAP is small (~0.03-0.05) and differences
+under ~0.01 are noise: it helps where a candidate stands out, as in the second run's b2.
 """
 from __future__ import annotations
 
