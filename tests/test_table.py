@@ -104,6 +104,25 @@ def test_other_protocol_is_refused(table):
             table.check_compatible(replace(FAST, **change))
 
 
+def test_table_from_another_cpu_generation_is_warned(table):
+    """Cloud guests name every EPYC "AMD EPYC": the family/model id is what tells a Zen 4 table on a Zen 5 host."""
+    import copy
+    import warnings
+
+    from nas.latency.profile import _cpu_id
+
+    if _cpu_id() is None:
+        pytest.skip("no CPU family/model in /proc/cpuinfo on this platform")
+    assert table.header["device"]["cpu_id"] == _cpu_id()  # recorded at build time
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table.check_compatible(FAST)  # measured on this machine: silent
+    other = copy.deepcopy(table)
+    other.header["device"]["cpu_id"] = "GenuineIntel family 6 model 999"
+    with pytest.warns(UserWarning, match="cpu_id 'GenuineIntel family 6 model 999'.*nas lut validate"):
+        other.check_compatible(FAST)
+
+
 @pytest.mark.parametrize("edit,field,words", [
     (lambda t: t.replace(",5\n", ",0\n", 1), ".n", "at least 1"),
     (lambda t: _set_first_median(t, "-3.0"), ".median_us", "positive"),

@@ -177,7 +177,7 @@ class LatencyTable:
                 f"carry over between backends, thread counts, batch sizes or dtypes: build a table for this setting "
                 f"with `nas lut build`")
         here = environment(protocol)
-        for k in ("torch", "onnxruntime", "cpu"):
+        for k in ("torch", "onnxruntime", "cpu", "cpu_id"):
             if k in self.header.get("device", {}) and k in here and self.header["device"][k] != here[k]:
                 warnings.warn(f"{self.path or self.name}: measured with {k} {self.header['device'][k]!r}, "
                               f"running {here[k]!r}; predictions may be off (validate with `nas lut validate`)",
