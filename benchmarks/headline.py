@@ -467,7 +467,20 @@ class InProcess:
 
 
 def _init_worker(cores) -> None:
+    die_with_parent()
     pin(cores.get())
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGTERM when the process that started it dies, so killing the script
+    does not leave workers training (or searching) into OUT on their own. Elsewhere: nothing."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def make_pool(cores: list[int]):

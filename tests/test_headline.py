@@ -78,3 +78,42 @@ def test_smoke_run_writes_parsable_outputs_and_resumes(tiny):
 
     clash = headline(tiny, "--epochs", "2")
     assert clash.returncode != 0 and "epochs: 1 then, 2 now" in clash.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not sys.platform.startswith("linux"),
+                    reason="needs 2 usable cores (two pool workers) and Linux (PR_SET_PDEATHSIG)")
+def test_killing_the_script_stops_its_workers(tiny, tmp_path):
+    """SIGKILL of the script (nothing can be cleaned up) must not leave its pool workers running on their own."""
+    import signal
+    import time
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "headline.py"), "--smoke", "--space", str(tiny / "space.yaml"),
+           "--table", str(tiny / "table.csv"), "--resolution", "64", "--proxy", "params", "--trials", "2000",
+           "--budget-ms", "1000", "900", "--budget-rounds", "2", "--jobs", "2", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAS_CACHE": str(tiny / "cache")}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in p.stdout:  # both searches running: the workers exist
+            if "search search_b2" in line:
+                break
+        time.sleep(3)
+        children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+        workers = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in _state(w)]
+    for w in alive:  # a failing run must not leave them searching on the CI machine
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"pool workers {alive} outlived the killed script"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
