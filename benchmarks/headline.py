@@ -55,9 +55,9 @@ SMOKE = {"trials": 24, "top_k": 2, "rerank": 3, "epochs": 1, "imgsz": 64, "batch
          "val_images": 16, "seeds": [0], "baselines": "mobilenet_v3_small_100,mobilenet_v4_conv_small",
          "budget_rounds": 5, "measure_rounds": 5}
 # what makes a finished training or search reusable by a rerun: a change here means other numbers
-RESULT_SETTINGS = ("experiment", "space", "table", "resolution", "mode", "proxy", "trials", "rerank", "epochs",
-                   "minutes",
-                   "imgsz", "batch", "train_images", "val_images", "data_seed", "neck", "calibrate")
+RESULT_SETTINGS = ("experiment", "space", "table", "resolution", "mode", "proxy", "trials", "rerank", "rerank_seeds",
+                   "epochs", "minutes", "imgsz", "batch", "train_images", "val_images", "data_seed", "neck",
+                   "calibrate")
 T0 = time.time()
 
 
@@ -195,7 +195,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace, exp) -> dict[str, Any]:
     return {"experiment": str(args.experiment), "space": str(args.space or exp.space), "table": str(args.table),
             "resolution": args.resolution, "mode": exp.mode, "proxy": exp.evaluator.proxy, "trials": args.trials,
-            "top_k": args.top_k, "rerank": args.rerank, "baselines": args.baseline_names, "seeds": args.seeds,
+            "top_k": args.top_k, "rerank": args.rerank, "rerank_seeds": list(short_schedule(args, "dw").seeds),
+            "baselines": args.baseline_names, "seeds": args.seeds,
             "epochs": args.epochs, "minutes": args.minutes, "imgsz": args.imgsz, "batch": args.batch,
             "train_images": args.train_images,
             "val_images": args.val_images, "data_seed": args.data_seed, "neck": exp.evaluator.neck,
@@ -352,16 +353,17 @@ def short_schedule(args, neck: str):
 
     if args.smoke:
         return ShortSchedule(epochs=1, imgsz=args.imgsz, batch=args.batch, train_images=args.train_images,
-                             val_images=args.val_images, neck=neck)
+                             val_images=args.val_images, neck=neck, seeds=(0,))
     return ShortSchedule(neck=neck)
 
 
 def rerank_task(task: dict[str, Any]) -> dict[str, Any]:
     from nas.arch.spec import loads_arch
-    from nas.rerank import short_train
+    from nas.rerank import short_score
 
-    r = short_train(loads_arch(task["arch"], task["label"]), task["schedule"], task["data"], Path(task["dir"]))
-    log(f"rerank {task['label']}: mAP50-95 {r['map50_95']:.4f} after the short training ({r['train_s']:.0f} s)")
+    r = short_score(loads_arch(task["arch"], task["label"]), task["schedule"], task["data"], Path(task["dir"]))
+    log(f"rerank {task['label']}: mAP50-95 {r['map50_95']:.4f} after the short training (mean of "
+        + ", ".join(f"{m:.4f}" for m in r["per_seed"]) + f"; {r['train_s']:.0f} s)")
     return {"label": task["label"], **r}
 
 
@@ -385,8 +387,8 @@ def run_reranks(args, budgets, searches, neck: str, out: Path, pool) -> float:
             m["rerank_label"] = label
             tasks.setdefault(label, {"label": label, "arch": m["arch"], "schedule": schedule, "data": data,
                                      "dir": str(out / "rerank" / label)})
-    log(f"rerank: {len(tasks)} candidates, {schedule.epochs} epochs at {schedule.imgsz} px each, "
-        f"{len(args.cores)} at a time")
+    log(f"rerank: {len(tasks)} candidates, {schedule.epochs} epochs at {schedule.imgsz} px each with seeds "
+        f"{', '.join(map(str, schedule.seeds))}, {len(args.cores)} candidates at a time")
     t = time.time()
     results = {r["label"]: r for r in pool.map(rerank_task, sorted(tasks.values(), key=lambda x: x["label"]))}
     for b, s in zip(budgets, searches):
@@ -575,13 +577,15 @@ def rerank_table(search: dict[str, Any], st: dict[str, Any]) -> list[str]:
     if not ranked:
         return []
     lines = [f"Rerank: the search's {len(ranked)} best front members under the budget by its score, ordered by "
-             f"mAP50-95 after the short training (nas.rerank); the first {st['top_k']} are trained below.", "",
-             "| candidate | predicted ms | MACs | search score | short-training mAP50-95 | trained |",
-             "|---|---:|---:|---:|---:|---|"]
+             f"mAP50-95 after the short training (nas.rerank: mean over seeds, listed); the first {st['top_k']} are "
+             "trained below.", "",
+             "| candidate | predicted ms | MACs | search score | short-training mAP50-95 | seeds | trained |",
+             "|---|---:|---:|---:|---:|---|---|"]
     for c in ranked:
         pred = "-" if c.get("predicted_ms") is None else f"{c['predicted_ms']:.2f}"
         score = "-" if c["score"] is None else f"{c['score']:.4g}"
-        lines.append(f"| {c['label']} | {pred} | {c['macs'] / 1e6:.1f}M | {score} | {c['map50_95']:.4f} | "
+        seeds = " ".join(f"{m:.4f}" for m in c["per_seed"])
+        lines.append(f"| {c['label']} | {pred} | {c['macs'] / 1e6:.1f}M | {score} | {c['map50_95']:.4f} | {seeds} | "
                      f"{'yes' if c['chosen'] else ''} |")
     return [*lines, ""]
 

@@ -86,13 +86,13 @@ def proxy_scores(arch: ArchSpec, resolution: int, batch: int, seed: int) -> dict
 
 def schedule(args: argparse.Namespace) -> ShortSchedule:
     return ShortSchedule(epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, optimizer=args.optimizer,
-                         lr0=args.lr0, neck=args.neck, seed=args.train_seed, train_images=args.train_images,
+                         lr0=args.lr0, neck=args.neck, seeds=(args.train_seed,), train_images=args.train_images,
                          val_images=args.val_images, data_seed=args.data_seed)
 
 
 def train_arch(arch: ArchSpec, data: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """nas.rerank's short training (the schedule the framework reranks candidates with) into out/train."""
-    r = short_train(arch, schedule(args), data, out / "train" / arch.name)
+    r = short_train(arch, schedule(args), data, out / "train" / arch.name, args.train_seed)
     return {**r, "best_epoch": args.epochs}  # evaluated once, after the last epoch
 
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-images", type=int, default=d.train_images)
     ap.add_argument("--val-images", type=int, default=d.val_images)
     ap.add_argument("--data-seed", type=int, default=d.data_seed)
-    ap.add_argument("--train-seed", type=int, default=d.seed)
+    ap.add_argument("--train-seed", type=int, default=d.seeds[0])
     # the proxy evaluator's own defaults, so τ describes what the search actually ranks by
     ap.add_argument("--proxy-resolution", type=int, default=EvaluatorConfig.resolution)
     ap.add_argument("--proxy-batch", type=int, default=EvaluatorConfig.batch)

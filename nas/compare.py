@@ -284,7 +284,8 @@ def cmd_compare(args, train_kwargs: dict[str, Any]) -> list[Row]:
 
         print(json.dumps({"rows": [asdict(x) for x in rows],
                           "rerank": [{"model": x.entrant.label, "score": x.entrant.score, "map50_95": x.map50_95,
-                                      "map50": x.map50, "train_s": x.train_s} for x in ranked],
+                                      "map50": x.map50, "train_s": x.train_s, "per_seed": list(x.per_seed)}
+                                     for x in ranked],
                           **{k: str(v) for k, v in paths.items()}}, indent=2))
     else:
         print(markdown(rows, title))

@@ -5,13 +5,14 @@ next to the budget: in the first headline benchmark run (docs/BENCHMARKS.md) the
 in MACs and 0.05 apart in mAP50-95, and MACs put the best one second at both budgets (Kendall τ +0.06 with the
 8-epoch mAP over the 11 compared models). The short schedule below (4 epochs at 128 px on a small DigitsDet,
 AdamW, 20-50 CPU seconds per model) ranked the same 11 models with τ +0.60, so the search's top N are trained
-with it and the best K by its mAP go on to the long training. Its mAP is small (~0.03-0.05) and differences
-under ~0.01 are noise: it helps where a candidate stands out, as in the second run's b2.
+with it and the best K by its mAP go on to the long training. Its mAP is small (~0.03-0.05) and one seed's
+order among near-equal candidates is mostly noise, hence the mean over three seeds (ShortSchedule.seeds).
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,7 +33,11 @@ class ShortSchedule:
     optimizer: str = "adamw"      # learns much faster than SGD in a few epochs (SGD at 160 px: mAP 0 after one)
     lr0: float | None = None      # None: the trainer's AdamW default
     neck: str = "dw"
-    seed: int = 0                 # the same data order and augmentations for every candidate
+    # A candidate's score is its mean mAP over these training seeds (each seed: the same data order and
+    # augmentations for every candidate). One seed is too noisy to order the top few: over the 16 candidates of
+    # the headline run, seed-to-seed Kendall τ -0.07 to +0.71 and a median range of 0.010, as large as the
+    # spread of the candidates' 3-seed means (0.012-0.021; benchmarks/rerank_noise.py).
+    seeds: tuple[int, ...] = (0, 1, 2)
     data: str | None = None       # a data YAML; None: DigitsDet of the sizes below, generated once
     train_images: int = 500
     val_images: int = 150
@@ -49,12 +54,13 @@ class ShortSchedule:
                                  self.train_images, self.val_images, self.imgsz, self.data_seed, min_size=lo,
                                  max_size=hi, progress=False, workers=0))
 
-    def train_config(self, arch: ArchSpec, data: str, project: Path, name: str, **overrides: Any) -> TrainConfig:
+    def train_config(self, arch: ArchSpec, data: str, project: Path, name: str, seed: int,
+                     **overrides: Any) -> TrainConfig:
         from nas.detect.train import TrainConfig
 
         cfg = TrainConfig(
             arch=arch, data=data, epochs=self.epochs, imgsz=self.imgsz, batch=self.batch, neck=self.neck,
-            optimizer=self.optimizer, lr0=self.lr0, seed=self.seed,
+            optimizer=self.optimizer, lr0=self.lr0, seed=seed,
             # warm up for at most a third of the run, else a 4-epoch run never reaches its peak LR
             warmup_epochs=min(TrainConfig.warmup_epochs, self.epochs / 3),
             val_interval=self.epochs,  # evaluated once, after the last epoch
@@ -63,13 +69,14 @@ class ShortSchedule:
         return replace(cfg, **overrides)
 
 
-def short_train(arch: ArchSpec, schedule: ShortSchedule, data: str, out: Path, **overrides: Any) -> dict[str, Any]:
-    """Train `arch` with `schedule` into out/ and return its mAPs and cost; out/short.json records a finished one,
-    reused while the schedule is the same."""
+def short_train(arch: ArchSpec, schedule: ShortSchedule, data: str, out: Path, seed: int,
+                **overrides: Any) -> dict[str, Any]:
+    """Train `arch` once with `schedule` and `seed` into out/ and return its mAPs and cost; out/short.json records
+    a finished one, reused while the schedule and seed are the same."""
     from nas.detect.train import train
 
     marker = out / "short.json"
-    key = asdict(schedule)
+    key = {**asdict(schedule), "seeds": None, "seed": seed}  # the other seeds do not change this training
     try:
         prev = json.loads(marker.read_text())
         if prev.get("schedule") == key:
@@ -77,7 +84,7 @@ def short_train(arch: ArchSpec, schedule: ShortSchedule, data: str, out: Path, *
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     c0 = time.process_time()
-    r = train(schedule.train_config(arch, data, out.parent, out.name, **overrides))
+    r = train(schedule.train_config(arch, data, out.parent, out.name, seed, **overrides))
     result = {"map50_95": r.map50_95, "map50": r.map50, "train_s": round(r.seconds, 1),
               "train_cpu_s": round(time.process_time() - c0, 1)}
     tmp = marker.with_suffix(".tmp")
@@ -86,12 +93,23 @@ def short_train(arch: ArchSpec, schedule: ShortSchedule, data: str, out: Path, *
     return result
 
 
+def short_score(arch: ArchSpec, schedule: ShortSchedule, data: str, out: Path, **overrides: Any) -> dict[str, Any]:
+    """`short_train` for every seed of the schedule into out/seed<N>: mean mAPs, total cost, per-seed mAP50-95."""
+    runs = [short_train(arch, schedule, data, out / f"seed{s}", s, **overrides) for s in schedule.seeds]
+    return {"map50_95": statistics.fmean(r["map50_95"] for r in runs),
+            "map50": statistics.fmean(r["map50"] for r in runs),
+            "train_s": round(sum(r["train_s"] for r in runs), 1),
+            "train_cpu_s": round(sum(r["train_cpu_s"] for r in runs), 1),
+            "per_seed": [r["map50_95"] for r in runs]}
+
+
 @dataclass(frozen=True)
 class Ranked:
     entrant: Entrant
-    map50_95: float       # after the short training (NaN: it diverged, ranked last)
+    map50_95: float       # mean over the seeds after the short training (NaN: one diverged, ranked last)
     map50: float
     train_s: float
+    per_seed: tuple[float, ...] = ()  # mAP50-95 of each seed's run
 
 
 def order(ranked: Iterable[Ranked]) -> list[Ranked]:
@@ -104,12 +122,12 @@ def order(ranked: Iterable[Ranked]) -> list[Ranked]:
 
 def rerank(candidates: Sequence[Entrant], schedule: ShortSchedule, out: Path, log: Callable[[str], Any] = print,
            **overrides: Any) -> list[Ranked]:
-    """Short-train every candidate into out/<label> (finished ones reused) and return them best first."""
+    """Short-train every candidate into out/<label>/seed<N> (finished ones reused) and return them best first."""
     data = schedule.dataset(out)
     ranked = []
     for i, e in enumerate(candidates, 1):
-        r = short_train(e.arch, schedule, data, out / e.label, **overrides)
-        log(f"rerank [{i}/{len(candidates)}] {e.label}: mAP50-95 {r['map50_95']:.4f} after {schedule.epochs} "
-            f"epochs at {schedule.imgsz} px ({r['train_s']:.0f} s)")
-        ranked.append(Ranked(e, r["map50_95"], r["map50"], r["train_s"]))
+        r = short_score(e.arch, schedule, data, out / e.label, **overrides)
+        log(f"rerank [{i}/{len(candidates)}] {e.label}: mAP50-95 {r['map50_95']:.4f} (mean of {len(schedule.seeds)} "
+            f"seeds) after {schedule.epochs} epochs at {schedule.imgsz} px ({r['train_s']:.0f} s)")
+        ranked.append(Ranked(e, r["map50_95"], r["map50"], r["train_s"], tuple(r["per_seed"])))
     return order(ranked)

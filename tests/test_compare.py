@@ -88,8 +88,9 @@ def test_train_from_run_reranks_by_a_short_training(searched, capsys):
     assert [r["map50_95"] for r in ranked] == sorted((r["map50_95"] for r in ranked), reverse=True)
     assert [r["model"] for r in out["rows"]] == [ranked[0]["model"]]
     for r in ranked:  # short-trained on the given data with the short schedule's size, not --imgsz
-        args = yaml.safe_load((exp.run_dir / "compare" / "rerank" / r["model"] / "args.yaml").read_text())
+        args = yaml.safe_load((exp.run_dir / "compare" / "rerank" / r["model"] / "seed2" / "args.yaml").read_text())
         assert args["data"] == data and args["imgsz"] == 128 and args["epochs"] == 4 and args["neck"] == "dw"
+        assert args["seed"] == 2 and r["map50_95"] == pytest.approx(sum(r["per_seed"]) / 3)
 
 
 def test_train_from_run_user_errors(searched, capsys):

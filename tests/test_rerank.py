@@ -1,5 +1,7 @@
 """nas.rerank: candidates short-trained alike, ordered by their mAP, finished trainings reused."""
+import json
 import math
+from dataclasses import replace
 
 import pytest
 from conftest import DET
@@ -8,7 +10,7 @@ from nas.compare import Entrant
 from nas.rerank import Ranked, ShortSchedule, order, rerank
 from nas.space import space_from_dict
 
-TINY = ShortSchedule(epochs=1, imgsz=64, batch=8, train_images=16, val_images=8)
+TINY = ShortSchedule(epochs=1, imgsz=64, batch=8, train_images=16, val_images=8, seeds=(0, 1))
 
 
 def test_order_best_map_first_then_score_nan_last():
@@ -25,22 +27,31 @@ def candidates():
     return [Entrant(f"trial-{s}", "search", space.random(s, name=f"c{s}"), float(s)) for s in range(3)]
 
 
-def test_rerank_trains_each_candidate_once_and_orders_by_short_map(candidates, tmp_path):
+def test_rerank_trains_each_candidate_once_per_seed_and_orders_by_mean_short_map(candidates, tmp_path):
     logged = []
     ranked = rerank(candidates, TINY, tmp_path, logged.append)
     assert sorted(x.entrant.label for x in ranked) == ["trial-0", "trial-1", "trial-2"]
     maps = [x.map50_95 for x in ranked]
     assert maps == sorted(maps, reverse=True) and all(0 <= m <= 1 for m in maps)
-    for e in candidates:
-        assert (tmp_path / e.label / "short.json").is_file() and (tmp_path / e.label / "weights" / "last.pt").is_file()
-    assert len(logged) == 3 and all("after 1 epochs at 64 px" in s for s in logged)
+    weights = [tmp_path / e.label / f"seed{s}" / "weights" / "last.pt" for e in candidates for s in (0, 1)]
+    assert all(w.is_file() for w in weights)
+    for x in ranked:  # the score is the mean over the seeds' runs
+        per_seed = [json.loads((tmp_path / x.entrant.label / f"seed{s}" / "short.json").read_text())["result"]
+                    ["map50_95"] for s in (0, 1)]
+        assert x.map50_95 == pytest.approx(sum(per_seed) / 2)
+    assert len(logged) == 3 and all("(mean of 2 seeds) after 1 epochs at 64 px" in s for s in logged)
 
     # a rerun reuses every finished training (their weights are not rewritten) and gives the same order
-    stamps = {e.label: (tmp_path / e.label / "weights" / "last.pt").stat().st_mtime_ns for e in candidates}
+    stamps = [w.stat().st_mtime_ns for w in weights]
     again = rerank(candidates, TINY, tmp_path, lambda s: None)
     assert [(x.entrant.label, x.map50_95) for x in again] == [(x.entrant.label, x.map50_95) for x in ranked]
-    assert stamps == {e.label: (tmp_path / e.label / "weights" / "last.pt").stat().st_mtime_ns for e in candidates}
+    assert stamps == [w.stat().st_mtime_ns for w in weights]
+
+    # another seed list reuses the seeds already trained and trains only the new one
+    rerank(candidates[:1], replace(TINY, seeds=(1, 2)), tmp_path, lambda s: None)
+    assert (tmp_path / "trial-0" / "seed1" / "weights" / "last.pt").stat().st_mtime_ns == stamps[1]
+    assert (tmp_path / "trial-0" / "seed2" / "short.json").is_file()
 
     # another schedule is another result: the marker does not hide it
-    rerank(candidates[:1], ShortSchedule(**{**TINY.__dict__, "seed": 1}), tmp_path, lambda s: None)
-    assert (tmp_path / "trial-0" / "weights" / "last.pt").stat().st_mtime_ns != stamps["trial-0"]
+    rerank(candidates[:1], replace(TINY, lr0=0.002), tmp_path, lambda s: None)
+    assert (tmp_path / "trial-0" / "seed0" / "weights" / "last.pt").stat().st_mtime_ns != stamps[0]
