@@ -2,7 +2,7 @@
 
 One command runs it all and writes everything docs/BENCHMARKS.md needs:
 
-    .venv/bin/python benchmarks/headline.py            # full run: 43 (Zen 5) to 77 min (Zen 4) on 2 free cores
+    .venv/bin/python benchmarks/headline.py            # full run: 49 (Zen 5) to ~85 min (Zen 4) on 2 free cores
     taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/headline.py --smoke --out runs/headline_smoke
 
 Steps (each prints a progress line with its wall time):

@@ -161,10 +161,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--top-k", type=int, default=3, metavar="K", help="front members to train, best score first "
                                                                      "(default 3)")
     c.add_argument("--rerank", type=int, default=0, metavar="N",
-                   help="short-train the N best front members first (4 epochs at 128 px on a small DigitsDet, "
-                        "about a CPU minute each) and train the K best of them by that mAP: the search's proxy "
-                        "rarely orders the top few well (docs/BENCHMARKS.md, Headline). Default 0: train the "
-                        "top K by the search's score")
+                   help="short-train the N best front members first (4 epochs at 128 px on a small DigitsDet, 3 "
+                        "seeds, 1-3 CPU minutes each) and train the K best of them by the mean mAP: the search's "
+                        "proxy rarely orders the top few well (docs/BENCHMARKS.md, Headline). Default 0: train "
+                        "the top K by the search's score")
     c.add_argument("--baselines", metavar="LIST",
                    help="comma-separated zoo models, e.g. zoo:mobilenet_v3_small_100,zoo:mobilenet_v4_conv_small "
                         "(the default), or none")
