@@ -369,7 +369,8 @@ def rerank_task(task: dict[str, Any]) -> dict[str, Any]:
 
 def run_reranks(args, budgets, searches, neck: str, out: Path, pool) -> float:
     """Short-train every search's candidates (one per core at a time, finished ones reused), then keep each
-    search's --top-k best by that mAP as its members; each candidate gets a `short` entry. Returns the wall time."""
+    search's --top-k best by mean short-training mAP as its members; all of them, ranked, go to the search's
+    `candidates_ranked`. Returns the wall time."""
     from nas.arch.spec import loads_arch
     from nas.compare import Entrant
     from nas.rerank import Ranked, order
