@@ -195,7 +195,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace, exp) -> dict[str, Any]:
     return {"experiment": str(args.experiment), "space": str(args.space or exp.space), "table": str(args.table),
             "resolution": args.resolution, "mode": exp.mode, "proxy": exp.evaluator.proxy, "trials": args.trials,
-            "top_k": args.top_k, "rerank": args.rerank, "rerank_seeds": list(short_schedule(args, exp.evaluator.neck).seeds),
+            "top_k": args.top_k, "rerank": args.rerank,
+            "rerank_seeds": list(short_schedule(args, exp.evaluator.neck).seeds),
             "baselines": args.baseline_names, "seeds": args.seeds,
             "epochs": args.epochs, "minutes": args.minutes, "imgsz": args.imgsz, "batch": args.batch,
             "train_images": args.train_images,
