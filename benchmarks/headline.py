@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    from nas.compare import parse_baselines
+    from nas.report.compare import parse_baselines
 
     for name in ("trials", "epochs", "batch", "train_images", "val_images", "budget_rounds", "measure_rounds"):
         if getattr(args, name) < 1:
@@ -258,9 +258,9 @@ def measure_budgets(args, exp, table, head, out: Path) -> dict[str, Any]:
     else:
         import torch
 
+        from nas.arch.detector import Detector
         from nas.arch.zoo import get_arch
-        from nas.compare import measure_detectors, predicted_ms
-        from nas.detect.model import Detector
+        from nas.report.compare import measure_detectors, predicted_ms
 
         torch.manual_seed(0)
         models = {n: Detector(get_arch(n), head.num_classes, neck=head.neck, width=head.width, depth=head.depth)
@@ -298,8 +298,8 @@ def measure_budgets(args, exp, table, head, out: Path) -> dict[str, Any]:
 def search_task(task: dict[str, Any]) -> dict[str, Any]:
     """One search, run or resumed (nas.search.study.run adds only the missing trials); its k best front members
     under the budget are the candidates."""
-    from nas.compare import top_members
-    from nas.report import front
+    from nas.report.compare import top_members
+    from nas.report.fronts import front
     from nas.search.study import run, summary
 
     exp, max_ms, k = task["exp"], task["max_ms"], task["top_k"]
@@ -350,7 +350,7 @@ def n_candidates(args) -> int:
 
 def short_schedule(args, neck: str):
     """nas.rerank's schedule; --smoke shrinks it to the smoke run's data and image size."""
-    from nas.rerank import ShortSchedule
+    from nas.detect.short import ShortSchedule
 
     if args.smoke:
         return ShortSchedule(epochs=1, imgsz=args.imgsz, batch=args.batch, train_images=args.train_images,
@@ -360,7 +360,7 @@ def short_schedule(args, neck: str):
 
 def rerank_task(task: dict[str, Any]) -> dict[str, Any]:
     from nas.arch.spec import loads_arch
-    from nas.rerank import short_score
+    from nas.detect.short import short_score
 
     r = short_score(loads_arch(task["arch"], task["label"]), task["schedule"], task["data"], Path(task["dir"]))
     log(f"rerank {task['label']}: mAP50-95 {r['map50_95']:.4f} after the short training (mean of "
@@ -373,8 +373,8 @@ def run_reranks(args, budgets, searches, neck: str, out: Path, pool) -> float:
     search's --top-k best by mean short-training mAP as its members; all of them, ranked, go to the search's
     `candidates_ranked`. Returns the wall time."""
     from nas.arch.spec import loads_arch
-    from nas.compare import Entrant
-    from nas.rerank import Ranked, order
+    from nas.report.compare import Entrant
+    from nas.report.rerank import Ranked, order
 
     if not args.rerank:
         for s in searches:
@@ -595,8 +595,8 @@ def rerank_table(search: dict[str, Any], st: dict[str, Any]) -> list[str]:
 def figure(budget: dict[str, Any], others: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path,
            title: str) -> Path:
     """compare.comparison_figure (searched dots, zoo stars, budget line) plus the seed range as error bars."""
-    from nas.compare import Row, comparison_figure
-    from nas.report import save_figure
+    from nas.report.compare import Row, comparison_figure
+    from nas.report.figures import save_figure
 
     pts = [Row(r["model"], r["source"], r["map50_95"]["median"], r["map50"]["median"], r["measured_ms"],
                r["predicted_ms"], r["params"], r["macs"], 0, "") for r in rows]
@@ -633,14 +633,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = exact_command(argv)  # before this process pins itself or sets OMP_NUM_THREADS: as the user ran it
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by spawned workers before they import torch
+    from nas.arch.detector import HeadConfig, detector_cost
     from nas.arch.spec import loads_arch
     from nas.arch.zoo import get_arch
-    from nas.compare import measure_detectors, predicted_ms
     from nas.detect.checkpoint import load_detector
     from nas.detect.digits import ensure_digits
-    from nas.detect.model import HeadConfig, detector_cost
-    from nas.latency.profile import environment
+    from nas.latency.environment import environment
     from nas.latency.table import LatencyTable
+    from nas.report.compare import measure_detectors, predicted_ms
 
     out = args.out
     exp = load_search_experiment(args)

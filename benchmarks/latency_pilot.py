@@ -11,9 +11,15 @@ import dataclasses
 import json
 import time
 
-from nas.latency.profile import Protocol
-from nas.latency.table import LatencyTable, arch_ops
-from nas.latency.validate import calibrate, calibration_archs, validate, validation_archs
+from nas.latency.coverage import arch_ops
+from nas.latency.protocol import Protocol
+from nas.latency.table import LatencyTable
+from nas.latency.validate import (
+    calibrate,
+    calibration_archs,
+    validate,
+    validation_archs,
+)
 from nas.space import load_space
 
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nas.arch.cost import arch_cost  # noqa: E402
 from nas.arch.spec import ArchSpec, loads_arch, save_arch  # noqa: E402
-from nas.latency.table import LatencyTable  # noqa: E402
-from nas.rerank import ShortSchedule, short_train  # noqa: E402
+from nas.detect.short import ShortSchedule, short_train
+from nas.latency.table import LatencyTable
 from nas.search.experiment import EvaluatorConfig  # noqa: E402
 from nas.search.proxies import PROXIES, ProxyError, score  # noqa: E402
 from nas.space import load_space  # noqa: E402

@@ -23,7 +23,7 @@ def one(task: tuple[str, str, int, str, str]) -> tuple[str, int, float]:
     import torch
 
     from nas.arch.spec import loads_arch
-    from nas.rerank import ShortSchedule, short_train
+    from nas.detect.short import ShortSchedule, short_train
 
     label, arch, seed, data, out = task
     torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def one(task: tuple[str, str, int, str, str]) -> tuple[str, int, float]:
 def main(argv: list[str] | None = None) -> None:
     from scipy.stats import kendalltau
 
-    from nas.rerank import ShortSchedule
+    from nas.detect.short import ShortSchedule
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path, help="a headline run's results.json (its rerank gives the first seeds)")

@@ -24,9 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nas.report import Point, hypervolume, trial_points  # noqa: E402
-from nas.search.experiment import EvaluatorConfig, Experiment, apply_overrides, load_experiment  # noqa: E402
-from nas.search.study import make_storage, run  # noqa: E402
+from nas.report.fronts import Point, hypervolume, trial_points
+from nas.search.experiment import (  # noqa: E402
+    EvaluatorConfig,
+    Experiment,
+    apply_overrides,
+    load_experiment,
+)
+from nas.search.storage import make_storage
+from nas.search.study import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,8 +35,9 @@ from train_step import measure_throughput  # noqa: E402
 from nas.arch.zoo import get_arch  # noqa: E402
 from nas.detect.data import YoloDataset, collate, load_data_config  # noqa: E402
 from nas.detect.digits import ensure_digits  # noqa: E402
-from nas.detect.train import TrainConfig, cache_dir, train  # noqa: E402
+from nas.detect.train import TrainConfig, train
 from nas.errors import ConfigError, NasError  # noqa: E402
+from nas.system import cache_dir
 
 MODELS = ("zoo:mobilenet_v4_conv_small", "zoo:mobilenet_v3_small_100", "zoo:yolov8n_csp")
 MAX_EPOCHS = 300  # only a cap: the time budget decides
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     project = args.out.with_suffix("")  # runs/benchmarks/train_digits/<model>
     t0 = time.time()
     rows = [run_model(m, data_yaml, args, project) for m in models]
-    from nas.latency.profile import Protocol, environment
+    from nas.latency.environment import environment
+    from nas.latency.protocol import Protocol
 
     env = environment(Protocol(threads=args.threads))
     env.pop("protocol")

@@ -19,12 +19,17 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from nas.arch.detector import Detector
 from nas.arch.spec import ArchSpec  # noqa: E402
 from nas.arch.zoo import get_arch  # noqa: E402
 from nas.detect.loss import DetectionLoss  # noqa: E402
-from nas.detect.model import Detector  # noqa: E402
-from nas.detect.train import ModelEMA, TrainConfig, build_optimizer, resolve_channels_last  # noqa: E402
-from nas.heap import retain_heap  # noqa: E402
+from nas.detect.train import (
+    ModelEMA,
+    TrainConfig,
+    build_optimizer,
+    resolve_channels_last,
+)
+from nas.system import retain_heap
 
 
 def synthetic_batches(n: int, batch: int, imgsz: int, nc: int = 10, seed: int = 0) -> list[tuple[Tensor, Tensor]]:

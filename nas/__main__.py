@@ -1,6 +1,6 @@
 """`python -m nas` runs the command line."""
 import sys
 
-from nas.cli import main
+from nas.commands.main import main
 
 sys.exit(main())

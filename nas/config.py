@@ -31,7 +31,7 @@ class _SafeLoader(yaml.SafeLoader):
             raise
         except Exception as e:  # ValueError, IndexError, AttributeError, ...: PyYAML trusts explicit tags
             kind = node.tag.rsplit(":", 1)[-1]
-            value = _short(node.value) if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
+            value = short_repr(node.value) if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
             why = f" ({str(e).splitlines()[0].split(';')[0]})" if isinstance(e, ValueError) and str(e) else ""
             raise yaml.constructor.ConstructorError(
                 None, None, f"invalid {kind} value {value}{why}", node.start_mark) from None
@@ -40,7 +40,7 @@ class _SafeLoader(yaml.SafeLoader):
         value = super().construct_yaml_int(node)
         if value.bit_length() > MAX_INT_BITS:
             raise yaml.constructor.ConstructorError(
-                None, None, f"integer too large ({_short(node.value)}, more than {MAX_INT_BITS} bits)", node.start_mark)
+                None, None, f"integer too large ({short_repr(node.value)}, more than {MAX_INT_BITS} bits)", node.start_mark)
         return value
 
 
@@ -90,7 +90,7 @@ def _check_nodes(root: yaml.Node, source: str) -> None:
             for k, _ in node.value:
                 if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
                     if (k.tag, k.value) in seen:
-                        raise ConfigError(source, None, f"duplicate key {_short(k.value)} at line "
+                        raise ConfigError(source, None, f"duplicate key {short_repr(k.value)} at line "
                                                         f"{k.start_mark.line + 1}; which one was meant?")
                     seen.add((k.tag, k.value))
         active.add(key)
@@ -173,7 +173,7 @@ def check_keys(obj: Mapping, allowed: Iterable[str], source: str, field: str | N
     for key in obj:
         if not isinstance(key, str) or key not in allowed:
             # the key is user text: keep the one-line message one line (no newlines, no megabyte keys)
-            shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _short(key)
+            shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else short_repr(key)
             raise ConfigError(source, join(field, shown),
                               f"unknown key{suggest(str(key), allowed)}; valid keys: {', '.join(allowed)}")
 
@@ -205,7 +205,7 @@ def read(obj: Mapping, key: str, kind: type | tuple, source: str, field: str | N
             try:
                 v = float(v)
             except OverflowError:  # an integer beyond float range (1e309 written out in digits)
-                raise ConfigError(source, path, f"number too large, got {_short(obj[key])}") from None
+                raise ConfigError(source, path, f"number too large, got {short_repr(obj[key])}") from None
             if not math.isfinite(v):
                 raise ConfigError(source, path, f"must be a finite number, got {obj[key]}")
             ok = True
@@ -218,14 +218,14 @@ def read(obj: Mapping, key: str, kind: type | tuple, source: str, field: str | N
             break
     if not ok:
         want = " or ".join(type_name(k()) if k is not type(None) else "null" for k in kinds)
-        raise ConfigError(source, path, f"expected {want}, got {type_name(v)} {_short(v)}")
+        raise ConfigError(source, path, f"expected {want}, got {type_name(v)} {short_repr(v)}")
     if check is not None:
         problem = check(v)
         if problem:
-            raise ConfigError(source, path, f"{problem}, got {_short(v)}")
+            raise ConfigError(source, path, f"{problem}, got {short_repr(v)}")
     return v
 
 
-def _short(v: Any) -> str:
+def short_repr(v: Any) -> str:
     s = repr(v)
     return s if len(s) <= 40 else s[:37] + "..."

@@ -9,15 +9,18 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
-from nas.arch.spec import ACTIVATIONS, ArchSpec, BlockSpec, StageSpec, _check_shapes, make_divisible
+from nas.arch.spec import (
+    ACTIVATIONS,
+    ArchSpec,
+    BlockSpec,
+    StageSpec,
+    check_shapes,
+    make_divisible,
+)
 from nas.config import check_keys, join, load_yaml, read, require_mapping, suggest
 from nas.errors import ConfigError
-
-if TYPE_CHECKING:
-    from nas.detect.model import HeadConfig
-    from nas.latency.table import NeckHeadOp
 
 FORMAT = "nas/space@1"
 SEARCH_OPS = ("ib", "convnext", "extra_dw", "ffn", "fused_ib")
@@ -177,23 +180,6 @@ class SearchSpace:
             out[st.name] = stride
         return tuple(out[f] for f in self.features)
 
-    def neckhead_ops(self, head: HeadConfig) -> Iterator[NeckHeadOp]:
-        """The detector's neck+head op (nas.latency.table.NeckHeadOp) for every combination of the feature stages'
-        output channels and every resolution: what a table needs for budgets on the whole detector."""
-        import itertools
-
-        from nas.detect.model import STRIDES
-        from nas.latency.table import NeckHeadOp
-
-        if self.feature_strides() != STRIDES:
-            raise ConfigError(self.source, "features",
-                              f"a detector needs three feature stages at strides {', '.join(map(str, STRIDES))}; "
-                              f"{list(self.features)} are at strides {list(self.feature_strides())}")
-        by_name = {st.name: st for st in self.stages}
-        for res in self.resolution:
-            for chans in itertools.product(*(by_name[f].out for f in self.features)):
-                yield NeckHeadOp(head, tuple(chans), res)
-
     def op_bounds(self) -> dict[str, int]:
         """Upper bound of the distinct ops per stage ('stem' included), counted without enumerating `ops()`."""
         n_res = len(self.resolution)
@@ -284,7 +270,7 @@ def space_from_dict(d: Any, source: str = "<dict>") -> SearchSpace:
         raise ConfigError(source, worst if worst == "stem" else f"stages.{worst}",
                           f"the space has up to {sum(bounds.values()):,} ops to measure (limit {MAX_OPS:,}), "
                           f"{bounds[worst]:,} from here; use fewer choices of out, ops, kernels or expand")
-    _check_shapes(space.random(0).with_resolution(min(res)), source)
+    check_shapes(space.random(0).with_resolution(min(res)), source)
     return space
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from nas.latency.profile import Protocol
+from nas.latency.protocol import Protocol
 from nas.latency.table import LatencyTable
 from nas.space import space_from_dict
 

@@ -11,11 +11,33 @@ import pytest
 import torch
 from PIL import Image
 
-from nas.detect.augment import (AugmentConfig, hflip, hsv_jitter, letterbox, mosaic, random_affine, xyxy_to_yolo,
-                                yolo_to_xyxy)
-from nas.detect.data import (DataConfig, LabelWarning, YoloDataset, collate, label_path, load_data_config,
-                             parse_label_file)
-from nas.detect.digits import DigitsParams, digit_sizes, ensure_digits, generate_digits, load_glyphs, paste_digits
+from nas.detect.augment import (
+    AugmentConfig,
+    hflip,
+    hsv_jitter,
+    letterbox,
+    mosaic,
+    random_affine,
+    xyxy_to_yolo,
+    yolo_to_xyxy,
+)
+from nas.detect.data import (
+    DataConfig,
+    LabelWarning,
+    YoloDataset,
+    collate,
+    label_path,
+    load_data_config,
+    parse_label_file,
+)
+from nas.detect.digits import (
+    DigitsParams,
+    digit_sizes,
+    ensure_digits,
+    generate_digits,
+    load_glyphs,
+    paste_digits,
+)
 from nas.errors import ConfigError
 
 TINY = dict(n_train=6, n_val=3, imgsz=64, min_size=8, max_size=24, progress=False, workers=0)

@@ -6,18 +6,19 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import DET, FAST
 
+from nas.arch.detector import Detector, HeadConfig, NeckHead
 from nas.arch.spec import dumps_arch, load_arch, loads_arch
-from nas.cli import main
-from nas.detect.model import Detector, HeadConfig, NeckHead
+from nas.commands.main import main
 from nas.errors import ConfigError
-from nas.latency.profile import Protocol, measure
-from nas.latency.table import LatencyTable, LatencyTableError, neckhead_op
+from nas.latency.coverage import neckhead_op, space_neckhead_ops
+from nas.latency.profile import measure
+from nas.latency.protocol import Protocol
+from nas.latency.table import LatencyTable, LatencyTableError
 from nas.search.experiment import experiment_from_dict
 from nas.search.study import run
 from nas.space import space_from_dict
-
-from conftest import DET, FAST
 
 # DET (conftest) feeds a detector (features at strides 8/16/32) and has two P3 widths, so two neck+head ops.
 HEAD = HeadConfig(neck="dw", width=0.25, depth=0.33, num_classes=3)
@@ -32,7 +33,7 @@ def det(tmp_path_factory):
     backbone = LatencyTable.new(FAST, "det-backbone")
     backbone.extend(space.ops(), path=d / "backbone.csv", progress=False)
     full = LatencyTable.loads(backbone.dumps(), "full")
-    n = full.extend(space.neckhead_ops(HEAD), path=d / "full.csv", progress=False)
+    n = full.extend(space_neckhead_ops(space, HEAD), path=d / "full.csv", progress=False)
     assert n == 2
     return d, space, LatencyTable.load(d / "backbone.csv"), LatencyTable.load(d / "full.csv")
 
@@ -76,7 +77,7 @@ def test_missing_neckhead_entry_names_the_command_that_adds_it(det):
 
 def test_space_with_features_at_other_strides_is_refused(tiny_space):
     with pytest.raises(ConfigError, match="strides 8, 16, 32"):
-        list(tiny_space.neckhead_ops(HEAD))
+        list(space_neckhead_ops(tiny_space, HEAD))
     with pytest.raises(ConfigError, match="neck"):
         HeadConfig(neck="fpn")
 

@@ -9,8 +9,9 @@ import torch
 from hypothesis import assume, given, settings
 from torch import nn
 
+from nas.arch.decode import DFL, decode, dfl_expectation
 from nas.detect.evaluate import coco_map, evaluate, targets_to_gts
-from nas.detect.postprocess import DFL, batched_nms, decode, dfl_expectation, nms, non_max_suppression
+from nas.detect.postprocess import batched_nms, nms, non_max_suppression
 
 T = torch.tensor
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import DET, FAST
 
-from nas.detect.model import HeadConfig
+from nas.arch.detector import HeadConfig
+from nas.latency.coverage import space_neckhead_ops
 from nas.latency.table import LatencyTable
 from nas.space import space_from_dict
 
@@ -24,7 +25,7 @@ def tiny(tmp_path_factory):
     (d / "space.yaml").write_text(yaml.safe_dump(DET))
     space = space_from_dict(DET, str(d / "space.yaml"))
     table = LatencyTable.new(FAST, "headline")
-    table.extend([*space.ops(), *space.neckhead_ops(HeadConfig(neck="dw", num_classes=10))], path=d / "table.csv",
+    table.extend([*space.ops(), *space_neckhead_ops(space, HeadConfig(neck="dw", num_classes=10))], path=d / "table.csv",
                  progress=False)
     return d
 

@@ -24,17 +24,24 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import nas.config
 from nas.arch.spec import loads_arch
-from nas.cli import main
+from nas.commands.lut import cmd_import
+from nas.commands.main import main
 from nas.config import load_yaml, parse_yaml
-from nas.detect.checkpoint import FORMAT as CKPT_FORMAT, load_checkpoint
-from nas.detect.data import LabelWarning, YoloDataset, load_data_config, parse_label_file
+from nas.detect.checkpoint import FORMAT as CKPT_FORMAT
+from nas.detect.checkpoint import load_checkpoint
+from nas.detect.data import (
+    LabelWarning,
+    YoloDataset,
+    load_data_config,
+    parse_label_file,
+)
 from nas.errors import ConfigError, NasError
-from nas.latency.commands import cmd_import
 from nas.latency.table import LatencyTable, import_csv
 from nas.search.experiment import experiment_from_dict, load_experiment
 from nas.space import space_from_dict

@@ -6,15 +6,8 @@ import math
 import pytest
 import torch
 
-from nas.detect.boxes import (
-    bbox2dist,
-    bbox_iou,
-    box_iou,
-    dist2bbox,
-    make_anchors,
-    xywh2xyxy,
-    xyxy2xywh,
-)
+from nas.arch.decode import dist2bbox, make_anchors
+from nas.detect.boxes import bbox2dist, bbox_iou, box_iou, xywh2xyxy, xyxy2xywh
 from nas.detect.loss import DetectionLoss, TaskAlignedAssigner, dfl_loss
 
 T = torch.tensor

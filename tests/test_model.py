@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from nas.arch.detector import Detector
 from nas.arch.zoo import get_arch
 from nas.detect.loss import DetectionLoss
-from nas.detect.model import Detector
 from nas.errors import ConfigError, NasError
-from nas.export import check_onnx, export_onnx
+from nas.latency.onnx import check_onnx, export_onnx
 from nas.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,16 +10,10 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError, NasError
-from nas.latency.profile import (
-    BACKENDS,
-    Measurement,
-    Protocol,
-    environment,
-    export_onnx,
-    measure,
-    measure_interleaved,
-    ort_session,
-)
+from nas.latency.environment import environment
+from nas.latency.onnx import export_onnx, ort_session
+from nas.latency.profile import measure, measure_interleaved
+from nas.latency.protocol import BACKENDS, Measurement, Protocol
 
 FAST = Protocol(warmup_runs=3, warmup_s=0.0, repeats=20, min_time_s=0.0)
 FAST_ORT = Protocol(backend="onnxruntime-cpu", warmup_runs=3, warmup_s=0.0, repeats=20, min_time_s=0.0)
@@ -116,7 +110,7 @@ def test_onnxruntime_output_matches_torch(tmp_path) -> None:
         module[1].running_mean.uniform_(-1, 1)
         module[1].running_var.uniform_(0.5, 2)
     x = torch.randn(1, 8, 16, 16)
-    session = ort_session(export_onnx(module, x, tmp_path / "conv.onnx", FAST_ORT), FAST_ORT)
+    session = ort_session(export_onnx(module, x, tmp_path / "conv.onnx", opset=FAST_ORT.onnx_opset, exporter=FAST_ORT.onnx_exporter), FAST_ORT)
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, module(x).detach().numpy(), atol=1e-4, rtol=0)
 
@@ -126,7 +120,8 @@ def test_attention_exports_and_runs_under_onnxruntime(tmp_path, exporter: str) -
     protocol = Protocol(backend="onnxruntime-cpu", onnx_exporter=exporter, warmup_s=0.0, repeats=10, min_time_s=0.0)
     module = TinyAttention(16).eval()
     x = torch.randn(1, 16, 8, 8)
-    session = ort_session(export_onnx(module, x, tmp_path / "attn.onnx", protocol), protocol)
+    session = ort_session(export_onnx(module, x, tmp_path / "attn.onnx", opset=protocol.onnx_opset,
+                                      exporter=exporter), protocol)
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, module(x).detach().numpy(), atol=1e-4, rtol=0)
     if exporter == "torchscript":  # the default; a second dynamo export would cost seconds for nothing new

@@ -111,7 +111,7 @@ def test_nan_forward_raises_proxy_error(proxy, monkeypatch):
 
 @pytest.mark.parametrize("proxy", DETECTOR)
 def test_detector_proxies_fail_on_a_nan_loss(proxy, monkeypatch):
-    from nas.detect import model as M
+    from nas.arch import detector as M
 
     batches = P._digits_batches(RES, BATCH, P.TSE_STEPS, 0)
     assert len(batches) == P.TSE_STEPS and batches[0][0].shape == (BATCH, 3, RES, RES)

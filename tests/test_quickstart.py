@@ -3,17 +3,16 @@
 from pathlib import Path
 
 import yaml
+from conftest import DET, FAST
+from test_compare import HEAD
 
-from nas.cli import main
+from nas.commands.main import main
+from nas.commands.quickstart import EXPERIMENT
+from nas.latency.coverage import space_neckhead_ops
 from nas.latency.table import LatencyTable
-from nas.quickstart import EXPERIMENT
 from nas.search.experiment import load_experiment
 from nas.search.objective import Objective
 from nas.space import load_space, space_from_dict
-
-from conftest import FAST
-from test_compare import HEAD
-from conftest import DET
 
 
 def test_shipped_quickstart_experiment_is_servable():
@@ -31,7 +30,7 @@ def test_quickstart_runs_the_whole_loop(tmp_path, capsys):
     (d / "space.yaml").write_text(yaml.safe_dump(DET))
     space = space_from_dict(DET, str(d / "space.yaml"))
     table = LatencyTable.new(FAST, "qs")
-    table.extend([*space.ops(), *space.neckhead_ops(HEAD)], path=d / "table.csv", progress=False)
+    table.extend([*space.ops(), *space_neckhead_ops(space, HEAD)], path=d / "table.csv", progress=False)
     lat = sorted(table.predict(space.random(i), HEAD).total_ms for i in range(20))
     (d / "qs.yaml").write_text(yaml.safe_dump({
         "format": "nas/experiment@1", "name": "qs", "space": "space.yaml", "table": "table.csv",

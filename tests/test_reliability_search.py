@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from nas.arch.spec import dumps_arch, loads_arch
 from nas.errors import ConfigError
 from nas.search.experiment import apply_overrides, experiment_from_dict
-from nas.search.study import make_storage
+from nas.search.storage import make_storage
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # A real evaluator made slow by its setting alone: grad_norm at 512 px takes ~1 s per tiny candidate here,

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 import nas.detect.train as train_mod
 from nas.arch.zoo import get_arch
-from nas.cli import main
+from nas.commands.main import main
 from nas.detect.checkpoint import load_checkpoint
 from nas.detect.digits import generate_digits
 from nas.detect.train import TrainConfig, train

@@ -6,15 +6,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import median_budget
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.util import tensor_util
-from conftest import median_budget
 
 from nas.arch.backbone import build_backbone
 from nas.arch.spec import dumps_arch, load_arch, loads_arch
-from nas.cli import main
-from nas.report import Baseline, Point, front, hypervolume, knee, pareto_indices, trial_points
+from nas.commands.main import main
+from nas.report.baselines import Baseline
+from nas.report.fronts import (
+    Point,
+    front,
+    hypervolume,
+    knee,
+    pareto_indices,
+    trial_points,
+)
+from nas.report.tensorboard import tensorboard_callbacks
 from nas.search.experiment import experiment_from_dict
 from nas.search.study import run
 
@@ -37,7 +46,7 @@ def _exp(tiny_dir, tiny_table, out, **kw):
 def searched(tiny_dir, tiny_table, tmp_path_factory):
     """A 10-trial pareto search with a median budget: about half the trials are over it and never evaluated."""
     exp = _exp(tiny_dir, tiny_table, tmp_path_factory.mktemp("report") / "runs")
-    return exp, run(exp, progress=False)
+    return exp, run(exp, progress=False, callbacks=tensorboard_callbacks(exp))
 
 
 # ---------------------------------------------------------------- pure functions
@@ -52,7 +61,7 @@ def test_hypervolume_hand_computed():
     assert hypervolume([], (0.0, 1.0)) == 0.0
     with pytest.raises(ValueError):
         hypervolume(pts, (0.0, math.inf))
-    from optuna._hypervolume import compute_hypervolume       # private: a cross-check only
+    from optuna._hypervolume import compute_hypervolume  # private: a cross-check only
 
     rng = np.random.default_rng(0)
     pts = [(float(s), float(t)) for s, t in rng.uniform(0, 1, size=(30, 2))]
@@ -92,7 +101,7 @@ def test_front_matches_optuna_best_trials(searched):
 
 def test_single_objective_front_from_user_attrs(tiny_dir, tiny_table, tmp_path):
     exp = _exp(tiny_dir, tiny_table, tmp_path / "runs", name="c", mode="constraint", trials=6, tensorboard_every=0)
-    study = run(exp, progress=False)
+    study = run(exp, progress=False, callbacks=tensorboard_callbacks(exp))
     assert not (exp.run_dir / "tb").exists()  # tensorboard_every: 0 turns it off
     ok = [p for p in trial_points(study) if p.feasible]
     members = front(study)
@@ -144,8 +153,9 @@ def test_tensorboard_scalars_figure_hparams_and_front_yaml(searched):
 
 def test_resumed_search_does_not_log_trials_twice(tiny_dir, tiny_table, tmp_path):
     exp = _exp(tiny_dir, tiny_table, tmp_path / "runs", name="r", trials=2)
-    run(exp, progress=False)
-    run(_exp(tiny_dir, tiny_table, tmp_path / "runs", name="r", trials=4), progress=False)
+    run(exp, progress=False, callbacks=tensorboard_callbacks(exp))
+    exp2 = _exp(tiny_dir, tiny_table, tmp_path / "runs", name="r", trials=4)
+    run(exp2, progress=False, callbacks=tensorboard_callbacks(exp2))
     acc = EventAccumulator(str(exp.run_dir / "tb"), size_guidance=ALL).Reload()
     assert [e.step for e in acc.Scalars("trial/predicted_ms")] == [0, 1, 2, 3]
 
@@ -225,8 +235,10 @@ def test_user_errors_are_one_line(searched, tmp_path, capsys, argv, words):
 
 def test_zoo_baselines_use_the_table_and_the_evaluator(tiny_table, tmp_path):
     from nas.arch.zoo import get_arch
-    from nas.latency.table import LatencyTable, arch_ops
-    from nas.report import figure_to_array, pareto_figure, zoo_baselines
+    from nas.latency.coverage import arch_ops
+    from nas.latency.table import LatencyTable
+    from nas.report.baselines import zoo_baselines
+    from nas.report.figures import figure_to_array, pareto_figure
 
     table = LatencyTable(header=dict(tiny_table.header), entries=dict(tiny_table.entries))
     small = get_arch("mobilenet_v3_small_100").with_resolution(64)

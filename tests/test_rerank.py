@@ -6,8 +6,9 @@ from dataclasses import replace
 import pytest
 from conftest import DET
 
-from nas.compare import Entrant
-from nas.rerank import Ranked, ShortSchedule, order, rerank
+from nas.detect.short import ShortSchedule
+from nas.report.compare import Entrant
+from nas.report.rerank import Ranked, order, rerank
 from nas.space import space_from_dict
 
 TINY = ShortSchedule(epochs=1, imgsz=64, batch=8, train_images=16, val_images=8, seeds=(0, 1))

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 from nas.arch.spec import loads_arch
 from nas.errors import ConfigError
 from nas.search.experiment import apply_overrides, experiment_from_dict
-from nas.search.study import make_storage, mask_url, run
+from nas.search.storage import make_storage, mask_url
+from nas.search.study import run
 
 
 def _exp(tiny_dir, tiny_table, tmp_path, **kw):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nas.arch.backbone import build_backbone
+from nas.config import load_yaml
 from nas.errors import ConfigError
 from nas.space import load_space, rng_chooser, space_from_dict, trial_chooser
-from nas.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE_FILE = ROOT / "search_spaces" / "uib_yolo.yaml"

@@ -4,7 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nas.arch.spec import BlockSpec, dumps_arch, load_arch, loads_arch, make_divisible
 from nas.arch.zoo import get_arch

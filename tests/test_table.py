@@ -3,15 +3,15 @@ import math
 from dataclasses import replace
 
 import pytest
+from conftest import FAST, TINY
 
 from nas.arch.spec import BlockSpec
 from nas.errors import ConfigError
-from nas.latency.profile import Measurement
-from nas.latency.table import LatencyTable, LatencyTableError, arch_ops, import_csv, op_key
+from nas.latency.coverage import arch_ops, op_key
+from nas.latency.protocol import Measurement
+from nas.latency.table import LatencyTable, LatencyTableError, import_csv
 from nas.latency.validate import calibrate, validate, write_report
 from nas.space import space_from_dict
-
-from conftest import FAST, TINY
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +109,11 @@ def test_table_from_another_cpu_generation_is_warned(table):
     import copy
     import warnings
 
-    from nas.latency.profile import _cpu_id
+    from nas.latency.environment import cpu_id
 
-    if _cpu_id() is None:
+    if cpu_id() is None:
         pytest.skip("no CPU family/model in /proc/cpuinfo on this platform")
-    assert table.header["device"]["cpu_id"] == _cpu_id()  # recorded at build time
+    assert table.header["device"]["cpu_id"] == cpu_id()  # recorded at build time
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         table.check_compatible(FAST)  # measured on this machine: silent

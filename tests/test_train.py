@@ -14,8 +14,8 @@ import torch
 
 import nas.detect.train as train_mod
 from nas.arch.zoo import get_arch
+from nas.commands.main import build_parser
 from nas.detect.checkpoint import FORMAT, load_checkpoint, load_detector
-from nas.detect.commands import register
 from nas.detect.digits import generate_digits
 from nas.detect.train import TrainConfig, TrainingDiverged, train
 from nas.errors import ConfigError, NasError
@@ -147,9 +147,7 @@ def test_torchrun_two_processes_gloo(digits, tmp_path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nas")
-    register(p.add_subparsers(dest="command", required=True))
-    return p
+    return build_parser()
 
 
 def test_train_command_json_and_onnx(digits, tmp_path, capsys):
@@ -188,7 +186,7 @@ def test_data_digits_command(tmp_path, capsys):
 
 
 def test_nas_command_line_trains_and_generates_digits(digits, tmp_path, capsys):
-    from nas.cli import build_parser, main
+    from nas.commands.main import build_parser, main
 
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"train", "data"} <= set(commands)
@@ -259,7 +257,7 @@ def _bad_label_set(root: Path) -> tuple[str, Path]:
 
 
 def test_strict_stops_at_the_first_bad_label_line(tmp_path, capsys):
-    from nas.cli import main
+    from nas.commands.main import main
     from nas.detect.data import LabelWarning
 
     data, bad = _bad_label_set(tmp_path / "bad")

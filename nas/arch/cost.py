@@ -34,7 +34,7 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+def macs_and_output(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     with FlopCounterMode(display=False) as fc:
         y = module(x)
     return fc.get_total_flops() // 2, y
@@ -43,7 +43,7 @@ def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
 def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """MACs of one forward pass at `input_shape` (C, H, W), batch 1, counted on the meta device."""
     module = module.to("meta").eval()
-    return _macs(module, torch.empty(1, *input_shape, device="meta"))[0]
+    return macs_and_output(module, torch.empty(1, *input_shape, device="meta"))[0]
 
 
 def arch_cost(arch: ArchSpec, resolution: int | None = None, classifier: bool = False) -> Cost:
@@ -55,13 +55,13 @@ def arch_cost(arch: ArchSpec, resolution: int | None = None, classifier: bool = 
         net = build_backbone(arch, classifier=classifier).eval()
     x = torch.empty(1, arch.channels, res, res, device="meta")
     rows = []
-    macs, x = _macs(net.stem, x)
+    macs, x = macs_and_output(net.stem, x)
     rows.append(BlockCost("stem", count_params(net.stem), macs, tuple(x.shape[1:])))
     for st, stage in zip(arch.stages, net.stages):
         for i, block in enumerate(stage):
-            macs, x = _macs(block, x)
+            macs, x = macs_and_output(block, x)
             rows.append(BlockCost(f"{st.name}.{i}", count_params(block), macs, tuple(x.shape[1:])))
     if net.head is not None:
-        macs, x = _macs(net.head, x)
+        macs, x = macs_and_output(net.head, x)
         rows.append(BlockCost("head", count_params(net.head), macs, tuple(x.shape[1:])))
     return Cost(sum(r.params for r in rows), sum(r.macs for r in rows), tuple(rows))

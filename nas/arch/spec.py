@@ -12,7 +12,15 @@ from typing import Any, Mapping
 
 import yaml
 
-from nas.config import check_keys, join, load_yaml, parse_yaml, read, require_mapping, suggest
+from nas.config import (
+    check_keys,
+    join,
+    load_yaml,
+    parse_yaml,
+    read,
+    require_mapping,
+    suggest,
+)
 from nas.errors import ConfigError
 
 FORMAT = "nas/arch@1"
@@ -300,11 +308,11 @@ def arch_from_dict(d: Any, source: str = "<dict>") -> ArchSpec:
     info = read(d, "info", dict, source, None, default={})
     arch = ArchSpec(name=name, stem=stem, stages=tuple(stages), features=tuple(feats), channels=channels,
                     resolution=resolution, head=head, info=info)
-    _check_shapes(arch, source)
+    check_shapes(arch, source)
     return arch
 
 
-def _check_shapes(arch: ArchSpec, source: str) -> None:
+def check_shapes(arch: ArchSpec, source: str) -> None:
     """Cross-block rules: the input must survive every stride, MQA heads need matching widths."""
     total = arch.stem.stride * math.prod(b.stride for _, _, b, _ in arch.blocks())
     if arch.resolution < total:

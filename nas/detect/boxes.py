@@ -5,7 +5,7 @@ Boxes are (..., 4) tensors; `xyxy` = corners, `xywh` = centre and size. Anchor p
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -73,44 +73,6 @@ def bbox_iou(
             alpha = v / (v - iou + (1 + eps))
         return iou - (rho2 / c2 + alpha * v)
     raise ValueError(f"kind must be 'iou', 'giou' or 'ciou', got {kind!r}")
-
-
-def make_anchors(
-    feats_or_shapes: Sequence[Tensor] | Sequence[tuple[int, int]],
-    strides: Sequence[int | float],
-    offset: float = 0.5,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Cell-centre anchor points of every level, concatenated level by level, row-major (x varies fastest).
-
-    `feats_or_shapes` holds per-level feature maps (..., H, W) or (H, W) pairs. Returns points (A, 2) as (x, y)
-    in grid units of their own level and the matching strides (A, 1); multiply the two to get pixels.
-    """
-    if len(feats_or_shapes) != len(strides):
-        raise ValueError(f"got {len(feats_or_shapes)} feature levels but {len(strides)} strides")
-    points, stride_col = [], []
-    for f, s in zip(feats_or_shapes, strides):
-        if isinstance(f, Tensor):
-            h, w = f.shape[-2:]
-            dt, dev = dtype or f.dtype, device or f.device
-        else:
-            h, w = f
-            dt, dev = dtype or torch.float32, device or "cpu"
-        xs = torch.arange(w, dtype=dt, device=dev) + offset
-        ys = torch.arange(h, dtype=dt, device=dev) + offset
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack((gx, gy), dim=-1).view(-1, 2))
-        stride_col.append(torch.full((h * w, 1), float(s), dtype=dt, device=dev))
-    return torch.cat(points), torch.cat(stride_col)
-
-
-def dist2bbox(distance: Tensor, anchor_points: Tensor, xywh: bool = False) -> Tensor:
-    """(left, top, right, bottom) distances from anchor points -> xyxy (or xywh) boxes, same units."""
-    lt, rb = distance[..., :2], distance[..., 2:4]
-    p1, p2 = anchor_points - lt, anchor_points + rb
-    return torch.cat(((p1 + p2) / 2, p2 - p1), -1) if xywh else torch.cat((p1, p2), -1)
 
 
 def bbox2dist(anchor_points: Tensor, boxes: Tensor, max_dist: float | None = None) -> Tensor:

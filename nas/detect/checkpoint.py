@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nas.arch.detector import Detector
 from nas.arch.spec import dumps_arch, loads_arch
-from nas.detect.model import Detector
 from nas.errors import NasError
 
 FORMAT = "nas/checkpoint@1"

@@ -15,8 +15,18 @@ import torch
 from PIL import Image, ImageOps
 
 from nas.config import MISSING, check_keys, load_yaml, read, require_mapping, type_name
-from nas.detect.augment import (AugmentConfig, fit_size, hflip, hsv_jitter, letterbox, mosaic, random_affine,
-                                resize, xyxy_to_yolo, yolo_to_xyxy)
+from nas.detect.augment import (
+    AugmentConfig,
+    fit_size,
+    hflip,
+    hsv_jitter,
+    letterbox,
+    mosaic,
+    random_affine,
+    resize,
+    xyxy_to_yolo,
+    yolo_to_xyxy,
+)
 from nas.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -69,7 +69,9 @@ def digit_sizes(imgsz: int, min_size: int | None = None, max_size: int | None = 
 
 def load_glyphs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """sklearn's 1797 digits (values 0..16) split once into disjoint train / val pools."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download; imported late as it is slow
+    from sklearn.datasets import (
+        load_digits,  # bundled with scikit-learn, no download; imported late as it is slow
+    )
 
     d = load_digits()
     order = np.random.default_rng(GLYPH_SPLIT_SEED).permutation(len(d.target))

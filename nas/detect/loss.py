@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nas.detect.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors, xywh2xyxy
-from nas.detect.postprocess import dfl_expectation
+from nas.arch.decode import dfl_expectation, dist2bbox, make_anchors
+from nas.detect.boxes import bbox2dist, bbox_iou, xywh2xyxy
 
 
 class TaskAlignedAssigner:

@@ -4,54 +4,11 @@ Pure torch (no torchvision) so the decode exports to ONNX and NMS runs anywhere.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from nas.detect.boxes import box_iou, dist2bbox, make_anchors
-
-
-def dfl_expectation(logits: Tensor, reg_max: int) -> Tensor:
-    """(..., 4*reg_max) bin logits -> (..., 4) distances: expected bin index under the softmax distribution."""
-    bins = torch.arange(reg_max, dtype=logits.dtype, device=logits.device)
-    probs = logits.unflatten(-1, (4, reg_max)).softmax(-1)
-    return probs @ bins  # Softmax + MatMul: both export to ONNX as plain ops
-
-
-class DFL(nn.Module):
-    """Distribution focal loss integral as a module: (B, 4*reg_max, A) logits -> (B, 4, A) distances.
-
-    A frozen 1x1 convolution whose weights are the bin indices 0..reg_max-1, applied after a softmax over bins.
-    """
-
-    def __init__(self, reg_max: int = 16):
-        super().__init__()
-        self.reg_max = reg_max
-        self.conv = nn.Conv2d(reg_max, 1, 1, bias=False).requires_grad_(False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, a = x.shape
-        # (B, 4, R, A) -> bins on the channel axis so the conv sums prob * index
-        probs = x.view(b, 4, self.reg_max, a).transpose(1, 2).softmax(1)
-        return self.conv(probs).view(b, 4, a)
-
-
-def decode(preds: Sequence[Tensor], strides: Sequence[int], reg_max: int = 16) -> Tensor:
-    """Raw per-level head maps (B, 4*reg_max+nc, H, W) -> (B, A, 4+nc): xyxy boxes in pixels + sigmoid class scores.
-
-    Anchors are ordered level by level (stride 8 first), row-major inside a level, like `make_anchors`.
-    """
-    if len(preds) != len(strides):
-        raise ValueError(f"got {len(preds)} prediction levels but {len(strides)} strides")
-    flat = torch.cat([p.flatten(2) for p in preds], dim=2).transpose(1, 2)  # (B, A, C)
-    box_logits, cls_logits = flat.split((4 * reg_max, flat.shape[-1] - 4 * reg_max), dim=-1)
-    points, stride_col = make_anchors(preds, strides)
-    boxes = dist2bbox(dfl_expectation(box_logits, reg_max), points) * stride_col
-    return torch.cat((boxes, cls_logits.sigmoid()), dim=-1)
+from nas.detect.boxes import box_iou
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_thres: float, block: int = 1024) -> Tensor:

@@ -20,15 +20,21 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from nas.arch.detector import Detector, check_detector_args
 from nas.arch.spec import ArchSpec, loads_arch, save_arch
-from nas.detect.checkpoint import load_checkpoint, model_meta, rng_state, save_checkpoint, set_rng_state
+from nas.detect.checkpoint import (
+    load_checkpoint,
+    model_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from nas.detect.data import YoloDataset, collate, load_data_config
 from nas.detect.digits import ensure_digits
 from nas.detect.evaluate import evaluate
 from nas.detect.loss import DetectionLoss
-from nas.detect.model import Detector, check_detector_args
 from nas.errors import ConfigError, NasError
-from nas.heap import retain_heap
+from nas.system import cache_dir, retain_heap
 
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 CSV_FIELDS = ("epoch", *(f"train/{n}" for n in LOSS_NAMES), "lr/pg0", "lr/pg1", "lr/pg2", "map50", "map50_95",
@@ -249,13 +255,6 @@ def resolve_device(name: str, local_rank: int, world: int) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError("train config", "device", f"unsupported device {name!r}; use cpu or cuda:N")
     return device
-
-
-def cache_dir() -> Path:
-    """$NAS_CACHE, else $XDG_CACHE_HOME/nas, else ~/.cache/nas."""
-    if os.environ.get("NAS_CACHE"):
-        return Path(os.environ["NAS_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "nas"
 
 
 def default_data(cfg: TrainConfig, progress: bool) -> Path:
@@ -508,7 +507,9 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
             (run_dir / "args.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             save_arch(cfg.arch, run_dir / "arch.yaml")
             if cfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+                from torch.utils.tensorboard import (
+                    SummaryWriter,  # slow import: only when used
+                )
 
                 writer = SummaryWriter(str(run_dir))
 

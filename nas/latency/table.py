@@ -16,17 +16,27 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping
 
 import yaml
-from torch import nn
 
 from nas.arch.blocks import build_block
-from nas.arch.spec import ArchSpec, BlockSpec, block_to_dict
-from nas.detect.model import STRIDES, HeadConfig, NeckHead, check_detector_args
+from nas.arch.detector import HeadConfig
+from nas.arch.spec import ArchSpec
 from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_mapping
 from nas.errors import ConfigError, NasError
-from nas.latency.profile import Protocol, environment, measure, reference_speed
+from nas.latency.coverage import (
+    NeckHeadOp,
+    TableOp,
+    arch_ops,
+    extend_command,
+    key_of,
+    neckhead_op,
+    op_key,
+)
+from nas.latency.environment import environment
+from nas.latency.profile import measure, reference_speed
+from nas.latency.protocol import Protocol
 
 FORMAT = "nas/lut@1"
 COLUMNS = ("op", "median_us", "p10_us", "p90_us", "n")
@@ -39,80 +49,6 @@ SCALE_RANGE = (0.5, 2.0)  # a calibration outside this says the table and the ma
 
 class LatencyTableError(NasError):
     """A table cannot answer: missing ops, or measured under another backend/threads/batch/dtype."""
-
-
-def op_key(block: BlockSpec, shape: Shape) -> str:
-    """Canonical text of one op at one input shape, e.g. 'ib kernel=3 expand=4.0 out=48 stride=2 se=0.0 act=relu in=32x80x80'."""
-    d = block_to_dict(block)
-    parts = [d.pop("op")]
-    for k, v in d.items():
-        if isinstance(v, list):
-            v = "/".join(map(str, v))
-        parts.append(f"{k}={v}")
-    parts.append("in=" + "x".join(map(str, shape)))
-    return " ".join(parts)
-
-
-def arch_ops(arch: ArchSpec) -> list[tuple[str, BlockSpec, Shape]]:
-    """(block name, block, input C×H×W) for every op the backbone runs, stem included."""
-    h = w = arch.resolution
-    rows = [("stem", arch.stem, (arch.channels, h, w))]
-    h, w = (h + 1) // 2 if arch.stem.stride == 2 else h, (w + 1) // 2 if arch.stem.stride == 2 else w
-    last = max(i for i, s in enumerate(arch.stages) if s.name in arch.features) if arch.features else len(arch.stages) - 1
-    for sname, i, b, cin in arch.blocks():
-        if [s.name for s in arch.stages].index(sname) > last:
-            break
-        rows.append((f"{sname}.{i}", b, (cin, h, w)))
-        if b.stride == 2:
-            h, w = (h + 1) // 2, (w + 1) // 2
-    return rows
-
-
-@dataclass(frozen=True)
-class NeckHeadOp:
-    """A detector's neck + head + box decoding behind three feature maps (strides 8/16/32), timed as one module
-    taking the three maps: one table op per (head config, feature channels, resolution)."""
-
-    head: HeadConfig
-    in_channels: tuple[int, int, int]
-    resolution: int
-
-    @property
-    def key(self) -> str:
-        """e.g. 'neckhead neck=dw width=0.25 depth=0.33 classes=10 in=32/96/160 res=256'."""
-        h = self.head
-        return (f"neckhead neck={h.neck} width={float(h.width)} depth={float(h.depth)} classes={h.num_classes} "
-                f"in={'/'.join(map(str, self.in_channels))} res={self.resolution}")
-
-    @property
-    def shapes(self) -> tuple[Shape, ...]:
-        return tuple((c, self.resolution // s, self.resolution // s) for c, s in zip(self.in_channels, STRIDES))
-
-    def build(self) -> nn.Module:
-        return NeckHead(self.in_channels, self.head)
-
-
-# What a table measures: a backbone op (block, input C×H×W) or a detector's neck+head.
-TableOp = Union[tuple[BlockSpec, Shape], NeckHeadOp]
-
-
-def neckhead_op(arch: ArchSpec, head: HeadConfig) -> NeckHeadOp:
-    """The neck+head op of `arch` as a detector; ConfigError unless its features are at strides 8/16/32."""
-    check_detector_args(arch, head.num_classes, head.neck, head.width, head.depth, 16)
-    return NeckHeadOp(head, tuple(arch.feature_channels()), arch.resolution)
-
-
-def extend_command(table: str, head: HeadConfig, what: str = "--space SPACE.yaml") -> str:
-    """The `nas lut extend` line that adds the neck+head ops of `head` (default flags left out)."""
-    d = HeadConfig()
-    flags = [f"--neck {head.neck}"] + [f"--{k} {getattr(head, k)}" for k in ("width", "depth")
-                                       if getattr(head, k) != getattr(d, k)] + [f"--classes {head.num_classes}"]
-    return f"nas lut extend {table} {what} --detector {' '.join(flags)}"
-
-
-def key_of(op: TableOp) -> str:
-    """The table key of either kind of op."""
-    return op.key if isinstance(op, NeckHeadOp) else op_key(*op)
 
 
 @dataclass(frozen=True)

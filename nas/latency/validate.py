@@ -11,11 +11,11 @@ from typing import Sequence
 
 import numpy as np
 
-from nas.arch.backbone import build_backbone
 from nas.arch.cost import arch_cost
+from nas.arch.detector import HeadConfig, detector_cost
 from nas.arch.spec import ArchSpec
-from nas.detect.model import Detector, HeadConfig, detector_cost
-from nas.latency.profile import Protocol, measure
+from nas.latency.profile import measure_network
+from nas.latency.protocol import Protocol
 from nas.latency.table import SCALE_RANGE, LatencyTable, LatencyTableError
 from nas.space import SearchSpace
 
@@ -76,13 +76,11 @@ def measure_archs(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Prot
     for arch in tqdm(archs, desc=desc, disable=not progress, unit="arch"):
         pred = table.predict(arch, head)
         if head is None:
-            net = build_backbone(arch)
             cost = arch_cost(arch)
             params, macs = cost.params, cost.macs
         else:
-            net = Detector(arch, head.num_classes, neck=head.neck, width=head.width, depth=head.depth)
             params, macs = detector_cost(arch, head, arch.resolution)
-        raw = measure(net, (arch.channels, arch.resolution, arch.resolution), protocol)
+        raw = measure_network(arch, protocol, head)
         m = raw.normalised(table.reference_us)
         rows.append({"arch": arch.name, "resolution": arch.resolution, "predicted_us": round(pred.total_us, 1),
                      "sum_us": round(pred.sum_us, 1), "measured_us": round(m.value_us(protocol.statistic), 1),

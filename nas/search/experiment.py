@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from nas.config import _short, check_keys, load_yaml, read, require_mapping, suggest
+from nas.config import check_keys, load_yaml, read, require_mapping, short_repr, suggest
 from nas.errors import ConfigError
-from nas.search.study import GRACE_S, HEARTBEAT_S
+from nas.search.storage import GRACE_S, HEARTBEAT_S
 
 if TYPE_CHECKING:
-    from nas.detect.model import HeadConfig
+    from nas.arch.detector import HeadConfig
 
 FORMAT = "nas/experiment@1"
 MODES = ("constraint", "mnas", "pareto")
@@ -78,7 +78,7 @@ class Experiment:
         num_classes); None for backbone-scope budgets."""
         if self.scope != "detector":
             return None
-        from nas.detect.model import HeadConfig
+        from nas.arch.detector import HeadConfig
 
         return HeadConfig(neck=self.evaluator.neck, num_classes=self.num_classes)
 
@@ -176,10 +176,10 @@ def _check_ranges(exp: Experiment) -> None:
     for name, (lo, hi) in _RANGES.items():
         v = getattr(exp.evaluator, name.split(".")[1]) if name.startswith("evaluator.") else getattr(exp, name)
         if not lo <= v <= hi:
-            raise ConfigError(s, name, f"must be between {lo} and {hi}, got {_short(v)}")
+            raise ConfigError(s, name, f"must be between {lo} and {hi}, got {short_repr(v)}")
     # samplers seed numpy with seed + worker index, which must stay below 2**32
     if not 0 <= exp.seed <= 2**32 - exp.workers:
-        raise ConfigError(s, "seed", f"must be between 0 and {2**32 - exp.workers}, got {_short(exp.seed)}")
+        raise ConfigError(s, "seed", f"must be between 0 and {2**32 - exp.workers}, got {short_repr(exp.seed)}")
     for name in ("budget_ms", "timeout_s"):
         v = getattr(exp, name)
         if v is not None and not v > 0:
@@ -211,7 +211,7 @@ def check(exp: Experiment) -> Experiment:
     if not exp.name or "/" in exp.name or exp.name.startswith("."):
         raise ConfigError(s, "name", "must be a plain folder name (no '/', not starting with '.')")
     _check_ranges(exp)
-    from nas.search.study import check_sampler_name
+    from nas.search.samplers import check_sampler_name
 
     check_sampler_name(exp.sampler, s)
     if exp.evaluator.kind == "proxy":
@@ -258,7 +258,7 @@ def apply_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment
 
 def dump_experiment(exp: Experiment) -> str:
     """The resolved config, as saved in the run folder (storage passwords masked)."""
-    from nas.search.study import mask_url
+    from nas.search.storage import mask_url
 
     d = exp.to_dict()
     if d.get("storage"):

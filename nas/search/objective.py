@@ -13,8 +13,10 @@ import optuna
 from nas.arch.cost import arch_cost
 from nas.arch.spec import ArchSpec, dumps_arch
 from nas.errors import ConfigError, NasError
-from nas.latency.table import LatencyTable, LatencyTableError, extend_command
+from nas.latency.coverage import extend_command, space_neckhead_ops
+from nas.latency.table import LatencyTable, LatencyTableError
 from nas.space import load_space, trial_chooser
+
 
 class SurplusTrial(NasError):
     """Two workers saw one trial missing and both started one: the later trial is dropped (recorded as failed with
@@ -40,7 +42,7 @@ class Objective:
         trial would fail with the same reason)."""
         exp = self.exp
         try:
-            needed = list(self.space.neckhead_ops(self.head))
+            needed = list(space_neckhead_ops(self.space, self.head))
         except ConfigError as e:
             raise ConfigError(exp.source, "scope", f"scope: detector: {exp.space}: {e.message}; use scope: backbone "
                                                    f"(--budget-scope backbone)") from None
@@ -102,7 +104,7 @@ class Objective:
 
     # ------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial):
-        from nas.search.study import WORKER_ATTR, worker_id
+        from nas.search.storage import WORKER_ATTR, worker_id
 
         exp = self.exp
         trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())

@@ -267,8 +267,8 @@ def _digits_batches(resolution: int, batch: int, steps: int, seed: int) -> tuple
 
 def _digits_detector(arch: ArchSpec, seed: int, device: str):
     """The whole detector (dw neck, DigitsDet's classes) seeded from `seed`, in train mode, with its loss."""
+    from nas.arch.detector import Detector
     from nas.detect.loss import DetectionLoss
-    from nas.detect.model import Detector
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

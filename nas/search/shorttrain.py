@@ -3,39 +3,12 @@ reporting each epoch to Optuna so a pruner can stop weak candidates early."""
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 
 from nas.arch.spec import ArchSpec
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (taskset / cgroup affinity), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on lock_path; the OS releases it if the process dies, so a crash leaves no stale lock."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; local workers there would race on the first generation
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+from nas.system import exclusive_lock, usable_cpus
 
 
 def trial_data(exp) -> str:
@@ -44,12 +17,11 @@ def trial_data(exp) -> str:
     ev = exp.evaluator
     if ev.data is not None:
         return ev.data
-    from nas.detect.digits import digit_sizes
-    from nas.detect.digits import ensure_digits
+    from nas.detect.digits import digit_sizes, ensure_digits
 
     root = exp.run_dir / "digits"
     lo, hi = digit_sizes(ev.imgsz)
-    with _exclusive(exp.run_dir / "digits.lock"):
+    with exclusive_lock(exp.run_dir / "digits.lock"):
         return str(ensure_digits(root, ev.train_images, ev.val_images, ev.imgsz, exp.seed, min_size=lo,
                                  max_size=hi, progress=False, workers=0))
 

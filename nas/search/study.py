@@ -2,121 +2,22 @@
 Redis journal), heartbeats with retry of dead workers' trials, resume, and several local worker processes."""
 from __future__ import annotations
 
-import inspect
 import logging
 import multiprocessing as mp
 import os
-import re
-import socket
 import time
-import warnings
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
-from nas.config import suggest
-from nas.errors import ConfigError, NasError
+from nas.errors import NasError
+from nas.search.samplers import make_pruner, make_sampler
+from nas.search.storage import fail_dead_local_trials, make_storage
 
-SAMPLERS = {"tpe", "nsga2", "nsga3", "random", "gp", "qmc", "cmaes", "bruteforce"}
-HEARTBEAT_S = 10          # defaults of the experiment's heartbeat_s / grace_s: the RDB heartbeat period; a trial
-GRACE_S = 30              # silent for GRACE_S is declared dead and retried
-MAX_RETRY = 3
+if TYPE_CHECKING:
+    from nas.search.experiment import Experiment
 MAX_FAILED_IN_A_ROW = 10  # consecutive failed trials after which a worker stops with the reason
-WORKER_ATTR = "nas:worker"  # host:pid of the process running a trial (journal storages have no heartbeat)
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a storage URL: postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
-    return re.sub(r"(://[^:/@]+:)[^@]*(@)", r"\1***\2", url)
-
-
-def check_sampler_name(name: str, source: str = "<experiment>") -> None:
-    if name in SAMPLERS:
-        return
-    cls = getattr(optuna.samplers, name, None) if name.endswith("Sampler") else None
-    # Only samplers make_sampler can build from a seed alone: abstract bases (BaseSampler) and those needing a
-    # search space or a base sampler (GridSampler, PartialFixedSampler) would only fail once the search starts.
-    if not (isinstance(cls, type) and not inspect.isabstract(cls) and all(
-            p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-            for p in inspect.signature(cls).parameters.values())):
-        valid = sorted(SAMPLERS) + ["<any optuna.samplers class name, e.g. TPESampler>"]
-        what = (f"sampler {name!r} cannot be built from a seed alone" if isinstance(cls, type)
-                else f"unknown sampler {name!r}{suggest(name, SAMPLERS)}")
-        raise ConfigError(source, "sampler", f"{what}; choose {', '.join(valid)}")
-
-
-def make_sampler(name: str, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
-    """A seeded sampler by short name, or any optuna.samplers class by its name."""
-    if name == "tpe":
-        # multivariate TPE models the joint distribution of the per-block choices; constraints come from
-        # trial.set_constraint (Optuna 5), not a constraints_func.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
-    if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, population_size=20)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if name == "bruteforce":
-        return optuna.samplers.BruteForceSampler(seed=seed)
-    cls = getattr(optuna.samplers, name)
-    try:
-        return cls(seed=seed)
-    except TypeError:
-        return cls()
-
-
-def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> optuna.storages.BaseStorage:
-    """SQLAlchemy URLs get heartbeats every `heartbeat_s` (a trial silent for `grace_s` is failed and retried);
-    journal:///FILE and redis://HOST give journal storages, which parallel workers on one machine (file) or many
-    (Redis) can share."""
-    if url.startswith("journal://"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url.removeprefix("journal://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("redis://"):
-        from optuna.storages.journal import JournalRedisBackend
-
-        return optuna.storages.JournalStorage(JournalRedisBackend(url))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API: stable enough
-    try:
-        storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
-        if url.startswith("sqlite"):
-            _fast_sqlite(storage)
-        return storage
-    except Exception as e:  # bad URL, server down, missing driver: one line, password masked
-        raise NasError(f"storage {mask_url(url)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}".replace(
-            url, mask_url(url))) from None
-
-
-def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
-    """WAL journal with synchronous=NORMAL: a commit no longer waits for fsync (16 ms each here, ~100 per trial),
-    and a killed process still loses nothing committed; only a power cut can drop the last transactions."""
-    from sqlalchemy import event
-
-    def on_connect(conn, _record) -> None:
-        cur = conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    event.listen(storage.engine, "connect", on_connect)
-    storage.engine.dispose()  # reconnect so every pooled connection gets the pragmas
 
 
 def open_study(exp, storage: optuna.storages.BaseStorage, seed: int | None = None) -> optuna.Study:
@@ -132,56 +33,11 @@ def open_study(exp, storage: optuna.storages.BaseStorage, seed: int | None = Non
     return study
 
 
-def make_pruner(exp) -> optuna.pruners.BasePruner:
-    kind = exp.evaluator.pruner if exp.evaluator.kind == "train" else "none"
-    epochs = max(exp.evaluator.epochs, 1)
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-    if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
-    return optuna.pruners.NopPruner()
-
-
 def counted(study: optuna.Study) -> tuple[int, int]:
     """(finished trials that count towards the budget, trials running now). Failed trials don't count: retried."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
     done = sum(t.state != TrialState.RUNNING for t in trials)
     return done, len(trials) - done
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def fail_dead_local_trials(study: optuna.Study) -> int:
-    """Journal storages have no heartbeat: a RUNNING trial started on this host by a process that no longer
-    exists is failed and re-queued with the same parameters, so a killed worker loses nothing."""
-    host = socket.gethostname()
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.system_attrs.get(WORKER_ATTR, "")
-        h, _, pid = owner.rpartition(":")
-        if h != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {owner} died (found by a later worker)")
-        retries = t.user_attrs.get("retries", 0)
-        if retries < MAX_RETRY:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retries": retries + 1})
-            n += 1
-    return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | None = None) -> None:
@@ -268,15 +124,17 @@ def _bar(exp, study, enabled: bool):
                 disable=not enabled, dynamic_ncols=True)
 
 
-def run(exp, progress: bool = True) -> optuna.Study:
-    """Run the experiment with `exp.workers` local processes on one study; returns the (re)loaded study."""
+def run(exp: Experiment, progress: bool = True, callbacks: Sequence[Callable] = ()) -> optuna.Study:
+    """Run the experiment with `exp.workers` local processes on one study; returns the (re)loaded study.
+
+    `callbacks` are Optuna trial callbacks run by worker 0 for every finished trial (e.g. the TensorBoard logger of
+    nas.report.tensorboard); those with a `finish(study)` method are called once more when every worker is done."""
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     from nas.search.experiment import dump_experiment
 
     (exp.run_dir / "config.yaml").write_text(dump_experiment(exp))
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    logger = _tensorboard(exp)
-    callbacks = [logger] if logger else None
+    callbacks = list(callbacks)
     if exp.workers == 1:
         run_worker(exp, 0, progress, callbacks)
     else:
@@ -294,18 +152,10 @@ def run(exp, progress: bool = True) -> optuna.Study:
             raise NasError(f"{len(bad)} worker process(es) exited with codes {bad}; rerun the same command to resume")
     study = optuna.load_study(study_name=exp.study_name,
                               storage=make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s))
-    if logger:  # after every worker: the final figure sees the whole study (the logger flushes after each trial)
-        logger.finish(study)
+    for cb in callbacks:  # after every worker: e.g. the final figure sees the whole study
+        if hasattr(cb, "finish"):
+            cb.finish(study)
     return study
-
-
-def _tensorboard(exp):
-    """The TensorBoard logger for RUN/tb, or None when `tensorboard_every` is 0."""
-    if not getattr(exp, "tensorboard_every", 25):
-        return None
-    from nas.search.tb import TensorBoardLogger
-
-    return TensorBoardLogger(exp)
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:

@@ -1,10 +1,9 @@
-"""`nas train --from RUN --top-k K`: train a search's best front members and zoo baselines on the same data and
-schedule, measure every trained detector side by side, and write the comparison (markdown, CSV, PNG, TensorBoard)."""
+"""Train a search's best front members and zoo baselines on the same data and schedule, measure the trained
+detectors side by side, and write the comparison (markdown, CSV, PNG, TensorBoard)."""
 from __future__ import annotations
 
 import csv
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -14,14 +13,17 @@ from nas.errors import ConfigError, NasError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from nas.arch.detector import HeadConfig
     from nas.arch.spec import ArchSpec
-    from nas.detect.model import HeadConfig
     from nas.detect.train import TrainConfig
-    from nas.latency.profile import Protocol
+    from nas.latency.protocol import Protocol
     from nas.latency.table import LatencyTable
+
 
 # Short on purpose: every baseline is one more full training. The small V3 and V4 are the usual mobile choices.
 DEFAULT_BASELINES = ("mobilenet_v3_small_100", "mobilenet_v4_conv_small")
+
+
 COLUMNS = ("model", "source", "map50_95", "map50", "latency_ms", "predicted_ms", "params", "macs", "epochs",
            "run_dir")
 
@@ -69,7 +71,7 @@ def top_members(study, k: int, max_ms: float | None = None) -> list[Entrant]:
     """The k front members with the highest search score (ties: the faster), best first, each architecture once
     (the earliest trial of the best-ranked); with `max_ms`, only members predicted at or under it."""
     from nas.arch.spec import dumps_arch, loads_arch
-    from nas.report import front
+    from nas.report.fronts import front
 
     members = [p for p in front(study) if max_ms is None or p.predicted_ms <= max_ms]
     if not members:
@@ -111,8 +113,8 @@ def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: Hea
             protocol: Protocol | None, table: LatencyTable | None = None, log=print) -> list[Row]:
     """Train every entrant with `base` (same data, epochs, image size, neck, seed) into out/<label>, then measure
     the trained detectors interleaved (drift hits all alike) under `protocol` (None: no measurement)."""
+    from nas.arch.detector import detector_cost
     from nas.detect.checkpoint import load_detector
-    from nas.detect.model import detector_cost
     from nas.detect.train import train
 
     results = {}
@@ -206,7 +208,7 @@ def comparison_figure(rows: Sequence[Row], title: str, budget_ms: float | None =
 def write_outputs(rows: Sequence[Row], out: Path, title: str, budget_ms: float | None,
                   tb_dir: Path | None) -> dict[str, Path]:
     """compare.md, compare.csv, map_vs_latency.png in `out`; the figure and the table in TensorBoard at tb_dir."""
-    from nas.report import figure_to_array, save_figure
+    from nas.report.figures import figure_to_array, save_figure
 
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, title)
@@ -222,75 +224,3 @@ def write_outputs(rows: Sequence[Row], out: Path, title: str, budget_ms: float |
             w.add_text("compare/table", md, 0)
         paths["tensorboard"] = tb_dir
     return paths
-
-
-# ---------------------------------------------------------------- the command
-
-def cmd_compare(args, train_kwargs: dict[str, Any]) -> list[Row]:
-    """The `nas train --from RUN` handler; `train_kwargs` are the TrainConfig fields given on the command line."""
-    from nas.detect.model import HeadConfig
-    from nas.detect.train import TrainConfig
-    from nas.report_commands import open_run
-
-    if args.arch is not None or args.resume:
-        raise ConfigError("command line", "--from", "trains the run's front members: give no ARCH and no --resume")
-    if args.top_k < 0:
-        raise ConfigError("command line", "--top-k", f"must be >= 0, got {args.top_k}")
-    if args.rerank and args.rerank <= args.top_k:
-        raise ConfigError("command line", "--rerank", f"must be more than --top-k ({args.top_k}) to choose among "
-                                                      f"them, got {args.rerank} (0: no reranking)")
-    r = open_run(args.from_run)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))  # stdout: the table or JSON
-    entrants = top_members(r.study, max(args.top_k, args.rerank)) if args.top_k else []
-    ranked = []
-    if args.rerank and entrants:
-        from nas.rerank import ShortSchedule, rerank
-
-        schedule = ShortSchedule(neck=train_kwargs.get("neck") or r.exp.evaluator.neck, data=train_kwargs.get("data"))
-        log(f"reranking the {len(entrants)} best front members by a short training ({schedule.epochs} epochs at "
-            f"{schedule.imgsz} px) into {r.run_dir / 'compare' / 'rerank'}")
-        ranked = rerank(entrants, schedule, r.run_dir / "compare" / "rerank", log,
-                        **{k: train_kwargs[k] for k in ("device", "threads", "workers") if k in train_kwargs})
-        entrants = [x.entrant for x in ranked[:args.top_k]]
-    entrants += zoo_entrants(parse_baselines(args.baselines))
-    if not entrants:
-        raise ConfigError("command line", "--top-k/--baselines", "nothing to train: ask for front members or baselines")
-    exp = r.exp
-    data = train_kwargs.get("data")
-    if data is not None:
-        from nas.detect.data import load_data_config
-
-        nc = load_data_config(data).nc
-    else:
-        nc = 10  # DigitsDet
-    head = HeadConfig(neck=train_kwargs.get("neck") or exp.evaluator.neck, num_classes=nc)
-    # one image size for all (the same schedule): by default the largest resolution of the searched members, so
-    # none is trained below the resolution it was searched at
-    searched = [e.arch.resolution for e in entrants if e.source == "search"]
-    kw = {"neck": head.neck, "imgsz": max(searched) if searched else TrainConfig.imgsz, **train_kwargs}
-    kw.pop("name", None)
-    kw.pop("project", None)
-    base = TrainConfig(arch=entrants[0].arch, progress=not args.quiet, **kw)
-    out = r.run_dir / "compare"
-    table = None if args.no_measure else r.table(None, "measuring the detectors")
-    rows = compare(entrants, base, out, head, table.protocol if table else None, table, log)
-    budget = exp.budget_ms if exp.scope == "detector" else None  # a backbone budget is not on this axis
-    epochs = f"{base.epochs} epoch{'s' * (base.epochs != 1)}"
-    title = (f"{r.study.study_name}: {epochs} at {base.imgsz} px, {head.neck} neck, "
-             f"{'measured ' + table.protocol.backend if table else 'not measured'}")
-    paths = write_outputs(rows, out, title, budget, r.run_dir / "tb" if exp.tensorboard_every else None)
-    if args.json:
-        import json
-
-        print(json.dumps({"rows": [asdict(x) for x in rows],
-                          "rerank": [{"model": x.entrant.label, "score": x.entrant.score, "map50_95": x.map50_95,
-                                      "map50": x.map50, "train_s": x.train_s, "per_seed": list(x.per_seed)}
-                                     for x in ranked],
-                          **{k: str(v) for k, v in paths.items()}}, indent=2))
-    else:
-        print(markdown(rows, title))
-        print("wrote " + ", ".join(str(v) for k, v in paths.items() if k != "tensorboard"))
-        if "tensorboard" in paths:
-            print(f"TensorBoard: tensorboard --logdir {paths['tensorboard']} (images: compare/map_vs_latency)")
-    return rows
-

@@ -7,8 +7,10 @@ import sys
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    from nas.report.tensorboard import tensorboard_callbacks
     from nas.search.experiment import apply_overrides, load_experiment
-    from nas.search.study import mask_url, run, summary
+    from nas.search.storage import mask_url
+    from nas.search.study import run, summary
 
     exp = load_experiment(args.experiment)
     exp = apply_overrides(exp, {
@@ -21,7 +23,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     })
     print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
           f"{exp.trials} trials, {exp.workers} worker(s), storage {mask_url(exp.storage_url())}", file=sys.stderr)
-    study = run(exp, progress=not args.quiet)
+    study = run(exp, progress=not args.quiet, callbacks=tensorboard_callbacks(exp))
     states = summary(study)
     result = {"name": exp.name, "study": exp.study_name, "run_dir": str(exp.run_dir), "trials": states,
               "storage": mask_url(exp.storage_url())}

@@ -1,4 +1,4 @@
-"""`nas lut build | extend | calibrate | show | validate | template | import`: thin handlers over nas.latency."""
+"""`nas lut build | extend | calibrate | show | validate | template | import`: latency lookup tables."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from nas.errors import ConfigError
 
 
 def _protocol(args: argparse.Namespace):
-    from nas.latency.profile import Protocol
+    from nas.latency.protocol import Protocol
 
     return Protocol(backend=args.backend, threads=args.threads, batch=args.batch, repeats=args.repeats,
                     min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu,
@@ -20,7 +20,7 @@ def _protocol(args: argparse.Namespace):
 
 def _head(args: argparse.Namespace):
     """The detector head config of --neck/--width/--depth/--classes (None without --detector)."""
-    from nas.detect.model import HeadConfig
+    from nas.arch.detector import HeadConfig
 
     if not getattr(args, "detector", False):
         return None
@@ -33,8 +33,8 @@ def _head(args: argparse.Namespace):
 
 def _ops_from(args: argparse.Namespace) -> list:
     """Ops of --space and/or --arch files; with --detector also their neck+head ops."""
-    from nas.cli import _arch_source
-    from nas.latency.table import arch_ops, neckhead_op
+    from nas.commands.common import arch_ref
+    from nas.latency.coverage import arch_ops, neckhead_op, space_neckhead_ops
     from nas.space import load_space
 
     head = _head(args)
@@ -43,9 +43,9 @@ def _ops_from(args: argparse.Namespace) -> list:
         space = load_space(s)
         ops.extend(space.ops())
         if head is not None:
-            ops.extend(space.neckhead_ops(head))
+            ops.extend(space_neckhead_ops(space, head))
     for a in args.arch or []:
-        for arch in [_arch_source(a)] if not args.resolution else [_arch_source(a).with_resolution(r)
+        for arch in [arch_ref(a)] if not args.resolution else [arch_ref(a).with_resolution(r)
                                                                    for r in args.resolution]:
             ops.extend((b, sh) for _, b, sh in arch_ops(arch))
             if head is not None:
@@ -65,7 +65,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     ops = _ops_from(args)
     table = LatencyTable.new(protocol, name=args.name or out.stem,
                              space=", ".join(str(s) for s in args.space or []) or None)
-    from nas.latency.table import key_of
+    from nas.latency.coverage import key_of
 
     print(f"measuring {len({key_of(op) for op in ops})} ops ({protocol.describe()}) into {out}", file=sys.stderr)
     n = table.extend(ops, path=out, progress=not args.quiet)
@@ -112,12 +112,12 @@ def cmd_extend(args: argparse.Namespace) -> None:
 def cmd_show(args: argparse.Namespace) -> None:
     import yaml
 
-    from nas.cli import _arch_source
+    from nas.commands.common import arch_ref
     from nas.latency.table import LatencyTable
 
     table = LatencyTable.load(args.table)
     if args.arch:
-        arch = _arch_source(args.arch)
+        arch = arch_ref(args.arch)
         if args.resolution:
             arch = arch.with_resolution(args.resolution)
         head = _head(args)
@@ -151,12 +151,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
     space = load_space(args.space)
     archs = validation_archs(space, args.num, args.seed)
     if args.extend:
-        from nas.latency.table import arch_ops
+        from nas.latency.coverage import arch_ops
 
         head = _head(args)
         ops = [(b, s) for a in archs for _, b, s in arch_ops(a)]
         if head is not None:
-            from nas.latency.table import neckhead_op
+            from nas.latency.coverage import neckhead_op
 
             ops += [neckhead_op(a, head) for a in archs]
         table.extend(ops, path=args.table, progress=not args.quiet)
@@ -188,7 +188,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_template(args: argparse.Namespace) -> None:
     """The op list a device must measure, for tables built where this machine can't reach."""
-    from nas.latency.table import key_of
+    from nas.latency.coverage import key_of
 
     keys = sorted({key_of(op) for op in _ops_from(args)})
     out = Path(args.out)
@@ -242,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
 
     def detector(p: argparse.ArgumentParser, what: str) -> None:
-        from nas.detect.head import NECKS, HeadConfig
+        from nas.arch.detector import NECKS, HeadConfig
 
         d = HeadConfig()
         g = p.add_argument_group("whole detector")

@@ -1,6 +1,5 @@
 """`nas quickstart`: the whole loop on the embedded defaults (shipped latency table, SQLite in the run folder,
-DigitsDet generated on the fly), as the user would run it step by step: search, front, export of the knee, a short
-training of the winner; each step's command, result and wall time, and where to point TensorBoard."""
+DigitsDet generated on the fly): search, front, export of the knee, a short training of the winner."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +15,9 @@ from typing import Any, Callable
 
 from nas.errors import ConfigError, NasError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+
+
 EXPERIMENT = REPO / "experiments" / "quickstart.yaml"
 
 
@@ -36,7 +37,7 @@ class Quickstart:
 
     def run(self, name: str, argv: list[str], capture: bool = False) -> str:
         """`nas ARGV` in this process, as typed on a shell; stops the quickstart with the step's own error."""
-        from nas.cli import main
+        from nas.commands.main import main
 
         step = Step(name, "nas " + " ".join(shlex.quote(a) for a in argv))
         print(f"\n=== {name}: {step.command}", flush=True)

@@ -1,26 +1,15 @@
-"""Rerank a search's best candidates by a short identical training before the long ones.
-
-A zero-cost proxy orders a whole space well enough to steer a search, but not the few front members that end up
-next to the budget: in the first headline benchmark run (docs/BENCHMARKS.md) the top three by MACs were <3% apart
-in MACs and 0.05 apart in mAP50-95, and MACs put the best one second at both budgets (Kendall τ +0.06 with the
-8-epoch mAP over the 11 compared models). The short schedule below (4 epochs at 128 px on a small DigitsDet,
-AdamW, 20-50 CPU seconds per model) ranked the same 11 models with τ +0.60, so the search's top N are trained
-with it and the best K by its mAP go on to the long training. Its mAP is small (~0.03-0.05) and one seed's
-order among near-equal candidates is mostly noise, hence the mean over three seeds (ShortSchedule.seeds).
-"""
+"""The one short training: a few epochs at a low resolution on a small DigitsDet, used to rank candidates cheaply."""
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nas.arch.spec import ArchSpec
-    from nas.compare import Entrant
     from nas.detect.train import TrainConfig
 
 
@@ -101,33 +90,3 @@ def short_score(arch: ArchSpec, schedule: ShortSchedule, data: str, out: Path, *
             "train_s": round(sum(r["train_s"] for r in runs), 1),
             "train_cpu_s": round(sum(r["train_cpu_s"] for r in runs), 1),
             "per_seed": [r["map50_95"] for r in runs]}
-
-
-@dataclass(frozen=True)
-class Ranked:
-    entrant: Entrant
-    map50_95: float       # mean over the seeds after the short training (NaN: one diverged, ranked last)
-    map50: float
-    train_s: float
-    per_seed: tuple[float, ...] = ()  # mAP50-95 of each seed's run
-
-
-def order(ranked: Iterable[Ranked]) -> list[Ranked]:
-    """Best short-training mAP50-95 first; ties by the search's score, then by label (deterministic)."""
-    def key(r: Ranked):
-        m = r.map50_95 if math.isfinite(r.map50_95) else -math.inf
-        return (-m, -(r.entrant.score or 0.0), r.entrant.label)
-    return sorted(ranked, key=key)
-
-
-def rerank(candidates: Sequence[Entrant], schedule: ShortSchedule, out: Path, log: Callable[[str], Any] = print,
-           **overrides: Any) -> list[Ranked]:
-    """Short-train every candidate into out/<label>/seed<N> (finished ones reused) and return them best first."""
-    data = schedule.dataset(out)
-    ranked = []
-    for i, e in enumerate(candidates, 1):
-        r = short_score(e.arch, schedule, data, out / e.label, **overrides)
-        log(f"rerank [{i}/{len(candidates)}] {e.label}: mAP50-95 {r['map50_95']:.4f} (mean of {len(schedule.seeds)} "
-            f"seeds) after {schedule.epochs} epochs at {schedule.imgsz} px ({r['train_s']:.0f} s)")
-        ranked.append(Ranked(e, r["map50_95"], r["map50"], r["train_s"], tuple(r["per_seed"])))
-    return order(ranked)

@@ -1,36 +1,17 @@
-"""`nas train` and `nas data digits`: argparse sub-commands and their handlers (nas.cli calls `register`).
-
-Heavy imports (torch) happen inside the handlers so `nas --help` stays fast.
-"""
+"""`nas train ARCH.yaml|zoo:NAME`: train a detector on a backbone, export and check its ONNX, print the metrics; and
+`nas train --from RUN`: train a search's best front members beside zoo baselines and compare them."""
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-
-def _arch(ref: str):
-    """An ArchSpec from 'zoo:NAME', a bare zoo name, or an arch YAML path."""
-    from nas.arch.spec import load_arch
-    from nas.arch.zoo import ZOO, get_arch
-
-    if ref.startswith("zoo:") or (ref in ZOO and not Path(ref).exists()):
-        return get_arch(ref.removeprefix("zoo:"))
-    return load_arch(ref)
-
-
-def _clean(v: Any) -> Any:
-    """NaN -> None so the JSON is standard."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_clean(x) for x in v]
-    return v
+from nas.commands.common import arch_ref, json_clean
+from nas.errors import ConfigError, NasError
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -40,8 +21,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     """
     from nas.detect.checkpoint import load_detector
     from nas.detect.train import TrainConfig, train
-    from nas.errors import ConfigError, NasError
-    from nas.export import check_onnx, export_onnx
+    from nas.latency.onnx import check_onnx, export_onnx
 
     given = {k: getattr(args, k) for k in ("data", "epochs", "imgsz", "batch", "device", "workers", "neck", "name",
                                            "project", "optimizer", "lr0", "seed", "schedule", "close_mosaic",
@@ -49,13 +29,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
                                            "time_limit_s")}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if getattr(args, "from_run", None) is not None:
-        from nas.compare import cmd_compare
-
         cmd_compare(args, kwargs)
         return None
     if args.arch is None and not args.resume:
         raise ConfigError("nas train", "ARCH", "give an arch YAML or zoo:NAME (or --resume --name NAME, or --from RUN)")
-    arch = _arch(args.arch) if args.arch is not None else None
+    arch = arch_ref(args.arch) if args.arch is not None else None
     if "neck" not in kwargs and arch is not None and arch.info.get("neck") in ("yolov8", "dw"):
         kwargs["neck"] = arch.info["neck"]  # an export of a detector-scope search: the neck its latency includes
     cfg = TrainConfig(arch=arch, resume=args.resume, progress=not args.quiet, **kwargs)
@@ -82,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
             onnx_error = e
             summary["onnx_error"] = str(e)
     if args.json:
-        print(json.dumps(_clean(summary), indent=2))
+        print(json.dumps(json_clean(summary), indent=2))
     else:
         epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
         print(f"{result.run_dir}: {epochs} in {result.seconds / 60:.1f} min; best epoch {result.best_epoch}: "
@@ -101,17 +79,7 @@ def _run_imgsz(run_dir: Path) -> int:
     return int(yaml.safe_load((run_dir / "args.yaml").read_text())["imgsz"])
 
 
-def cmd_data_digits(args: argparse.Namespace) -> Path:
-    from nas.detect.digits import generate_digits
-
-    path = generate_digits(args.out, args.train, args.val, args.imgsz, args.seed, min_size=args.min_size,
-                           max_size=args.max_size, progress=not args.quiet, workers=args.workers)
-    print(path)
-    return path
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `train` and `data` to the `nas` command's sub-parsers."""
     t = subparsers.add_parser(
         "train", help="train a YOLO detector on a backbone and report COCO mAP",
         description="Train backbone + neck + YOLOv8 head on a YOLO-format dataset (DigitsDet when --data is not "
@@ -171,20 +139,78 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--no-measure", action="store_true", help="skip the latency measurement")
     t.set_defaults(func=cmd_train)
 
-    data = subparsers.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="ACTION",
-                                                                        required=True)
-    d = data.add_parser("digits", help="generate DigitsDet, a small detection dataset of handwritten digits",
-                        description="Paste scikit-learn's bundled handwritten digits onto textured canvases; writes "
-                                    "images/, labels/ and data.yaml (ultralytics layout). Deterministic by seed.")
-    d.add_argument("--out", required=True, type=Path, help="output folder")
-    d.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
-    d.add_argument("--val", type=int, default=200, help="validation images (default 200)")
-    d.add_argument("--imgsz", type=int, default=320, help="image side in pixels (default 320)")
-    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    d.add_argument("--min-size", type=int, dest="min_size",
-                   help="smallest digit height in pixels (default 16, or --max-size if smaller)")
-    d.add_argument("--max-size", type=int, dest="max_size",
-                   help="largest digit height in pixels, at most imgsz/2 (default 96, or imgsz/2 if smaller)")
-    d.add_argument("--workers", type=int, default=None, help="processes (default: usable CPUs, at most 8)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=cmd_data_digits)
+
+def cmd_compare(args: argparse.Namespace, train_kwargs: dict[str, Any]) -> list:
+    """The `nas train --from RUN` handler; `train_kwargs` are the TrainConfig fields given on the command line."""
+    from nas.arch.detector import HeadConfig
+    from nas.detect.train import TrainConfig
+    from nas.report.compare import (
+        compare,
+        markdown,
+        parse_baselines,
+        top_members,
+        write_outputs,
+        zoo_entrants,
+    )
+    from nas.report.runs import open_run
+
+    if args.arch is not None or args.resume:
+        raise ConfigError("command line", "--from", "trains the run's front members: give no ARCH and no --resume")
+    if args.top_k < 0:
+        raise ConfigError("command line", "--top-k", f"must be >= 0, got {args.top_k}")
+    if args.rerank and args.rerank <= args.top_k:
+        raise ConfigError("command line", "--rerank", f"must be more than --top-k ({args.top_k}) to choose among "
+                                                      f"them, got {args.rerank} (0: no reranking)")
+    r = open_run(args.from_run)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))  # stdout: the table or JSON
+    entrants = top_members(r.study, max(args.top_k, args.rerank)) if args.top_k else []
+    ranked = []
+    if args.rerank and entrants:
+        from nas.detect.short import ShortSchedule
+        from nas.report.rerank import rerank
+
+        schedule = ShortSchedule(neck=train_kwargs.get("neck") or r.exp.evaluator.neck, data=train_kwargs.get("data"))
+        log(f"reranking the {len(entrants)} best front members by a short training ({schedule.epochs} epochs at "
+            f"{schedule.imgsz} px) into {r.run_dir / 'compare' / 'rerank'}")
+        ranked = rerank(entrants, schedule, r.run_dir / "compare" / "rerank", log,
+                        **{k: train_kwargs[k] for k in ("device", "threads", "workers") if k in train_kwargs})
+        entrants = [x.entrant for x in ranked[:args.top_k]]
+    entrants += zoo_entrants(parse_baselines(args.baselines))
+    if not entrants:
+        raise ConfigError("command line", "--top-k/--baselines", "nothing to train: ask for front members or baselines")
+    exp = r.exp
+    data = train_kwargs.get("data")
+    if data is not None:
+        from nas.detect.data import load_data_config
+
+        nc = load_data_config(data).nc
+    else:
+        nc = 10  # DigitsDet
+    head = HeadConfig(neck=train_kwargs.get("neck") or exp.evaluator.neck, num_classes=nc)
+    # one image size for all (the same schedule): by default the largest resolution of the searched members, so
+    # none is trained below the resolution it was searched at
+    searched = [e.arch.resolution for e in entrants if e.source == "search"]
+    kw = {"neck": head.neck, "imgsz": max(searched) if searched else TrainConfig.imgsz, **train_kwargs}
+    kw.pop("name", None)
+    kw.pop("project", None)
+    base = TrainConfig(arch=entrants[0].arch, progress=not args.quiet, **kw)
+    out = r.run_dir / "compare"
+    table = None if args.no_measure else r.table(None, "measuring the detectors")
+    rows = compare(entrants, base, out, head, table.protocol if table else None, table, log)
+    budget = exp.budget_ms if exp.scope == "detector" else None  # a backbone budget is not on this axis
+    epochs = f"{base.epochs} epoch{'s' * (base.epochs != 1)}"
+    title = (f"{r.study.study_name}: {epochs} at {base.imgsz} px, {head.neck} neck, "
+             f"{'measured ' + table.protocol.backend if table else 'not measured'}")
+    paths = write_outputs(rows, out, title, budget, r.run_dir / "tb" if exp.tensorboard_every else None)
+    if args.json:
+        print(json.dumps({"rows": [asdict(x) for x in rows],
+                          "rerank": [{"model": x.entrant.label, "score": x.entrant.score, "map50_95": x.map50_95,
+                                      "map50": x.map50, "train_s": x.train_s, "per_seed": list(x.per_seed)}
+                                     for x in ranked],
+                          **{k: str(v) for k, v in paths.items()}}, indent=2))
+    else:
+        print(markdown(rows, title))
+        print("wrote " + ", ".join(str(v) for k, v in paths.items() if k != "tensorboard"))
+        if "tensorboard" in paths:
+            print(f"TensorBoard: tensorboard --logdir {paths['tensorboard']} (images: compare/map_vs_latency)")
+    return rows

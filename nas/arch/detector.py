@@ -1,22 +1,49 @@
-"""Detector = backbone (from an ArchSpec) + PAN neck ("yolov8" C2f or lightweight "dw") + YOLOv8 anchor-free head.
-
-Training mode returns the raw per-level maps DetectionLoss takes; eval mode the decoded (B, A, 4+nc) tensor.
-"""
+"""Detector = backbone (from an ArchSpec) + PAN neck ("yolov8" C2f or lightweight "dw") + YOLOv8 anchor-free head;
+`HeadConfig` is the one type for what follows the backbone. Training mode returns the raw per-level maps the loss
+takes; eval mode the decoded (B, A, 4+nc) tensor."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from nas.arch.backbone import build_backbone
 from nas.arch.blocks import C2f, ConvBN
+from nas.arch.decode import decode
 from nas.arch.spec import ACTIVATIONS, ArchSpec
-from nas.detect.postprocess import decode
-from nas.detect.head import NECKS, HeadConfig
 from nas.errors import ConfigError
 
+NECKS = ("yolov8", "dw")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What follows the backbone in a Detector: the neck type, its width and depth multipliers, and the number of
+    classes. With the backbone's three feature channel counts and the input resolution it fixes the neck+head's
+    latency (a latency table stores it as one op, see nas.latency.table.NeckHeadOp)."""
+
+    neck: str = "dw"
+    width: float = 0.25
+    depth: float = 0.33
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        src = "detector head"
+        if self.neck not in NECKS:
+            raise ConfigError(src, "neck", f"unknown neck {self.neck!r}; choose one of {', '.join(NECKS)}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ConfigError(src, "num_classes", f"must be a positive integer, got {self.num_classes!r}")
+        for name in ("width", "depth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 4:
+                raise ConfigError(src, name, f"must be a number in (0, 4], got {v!r}")
+
+
 STRIDES = (8, 16, 32)
+
+
 MAX_CHANNELS = 1024  # ultralytics' max_channels for the n/s scales
 
 
@@ -181,11 +208,11 @@ class Detector(nn.Module):
 
 def detector_cost(arch: ArchSpec, head: HeadConfig, imgsz: int) -> tuple[int, int]:
     """(params, MACs) of the whole detector at imgsz (MACs as nas.arch.cost counts them), on the meta device."""
-    from nas.arch.cost import _macs, count_params
+    from nas.arch.cost import count_params, macs_and_output
 
     with torch.device("meta"):
         model = Detector(arch, head.num_classes, neck=head.neck, width=head.width, depth=head.depth).eval()
-    return count_params(model), _macs(model, torch.empty(1, arch.channels, imgsz, imgsz, device="meta"))[0]
+    return count_params(model), macs_and_output(model, torch.empty(1, arch.channels, imgsz, imgsz, device="meta"))[0]
 
 
 def check_detector_args(arch: ArchSpec, num_classes: int, neck: str, width: float, depth: float,

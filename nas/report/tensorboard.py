@@ -12,10 +12,13 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.report import (BASELINES_ATTR, Baseline, default_reference, figure_to_array, front, hypervolume, knee,
-                        pareto_figure, trial_points, zoo_baselines)
+from nas.report.baselines import BASELINES_ATTR, Baseline, zoo_baselines
+from nas.report.figures import figure_to_array, pareto_figure
+from nas.report.fronts import default_reference, front, hypervolume, knee, trial_points
 
 METRICS = ("hparam/score", "hparam/predicted_ms", "hparam/params", "hparam/macs", "hparam/feasible")
+
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -203,8 +206,19 @@ class TensorBoardLogger:
 def _session_end(status: int):
     """The hparams plugin's end-of-session summary with `status` (torch's helper always writes SUCCESS)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.plugins.hparams.metadata import SESSION_END_INFO_TAG, create_summary_metadata
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+    from tensorboard.plugins.hparams.metadata import (
+        SESSION_END_INFO_TAG,
+        create_summary_metadata,
+    )
+    from tensorboard.plugins.hparams.plugin_data_pb2 import (
+        HParamsPluginData,
+        SessionEndInfo,
+    )
 
     md = create_summary_metadata(HParamsPluginData(session_end_info=SessionEndInfo(status=status)))
     return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=md)])
+
+
+def tensorboard_callbacks(exp) -> list[TensorBoardLogger]:
+    """The search callbacks that log to RUN/tb (none when the experiment's `tensorboard_every` is 0)."""
+    return [TensorBoardLogger(exp)] if exp.tensorboard_every else []

@@ -1,0 +1,1 @@
+"""Reading searches back: fronts and picks, figures, TensorBoard, run folders, comparisons of trained detectors."""
