@@ -12,11 +12,12 @@ Steps (each prints a progress line with its wall time):
    detector i, so that "under the budget" means the same thing to the search (table units) and to the verdict
    (measured).
 2. one search per budget (`nas search` on --experiment with overrides; its space pinned to --resolution), then
-   its --rerank best front members predicted at or under the search budget are trained briefly (nas.rerank's
-   short schedule, ~1 CPU-min each) and the --top-k best of them by that mAP go on (--rerank 0: the --top-k best
-   by the search's score).
-3. those and the zoo baselines trained alike (same neck, head, DigitsDet data, schedule and seeds), one
-   training per usable CPU core at a time, each pinned to its core with one thread.
+   its --rerank best front members predicted at or under the search budget are trained briefly
+   (nas.report.rerank, the short schedule, ~1 CPU-min each) and the --top-k best of them by that mAP go on
+   (--rerank 0: the --top-k best by the search's score).
+3. those and the zoo baselines trained alike (same neck, head, DigitsDet data, schedule and seeds) with
+   nas.report.compare's training task, one training per usable CPU core at a time, each pinned to its core with
+   one thread.
 4. every compared detector measured end to end in ONE interleaved run (round-robin, many rounds, medians), with
    its predicted latency, params and MACs at --resolution.
 5. OUT/results.json, OUT/headline.md, OUT/map_vs_latency_<budget>.png, and a verdict per budget: the best searched
@@ -24,14 +25,16 @@ Steps (each prints a progress line with its wall time):
    baseline that is not faster may beat its median mAP50-95 by more than the seed range (the larger of the two).
    A measured budget is judged against its zoo detector in the final run (the machine drifts between runs).
 
-Resumable: run the same command again. Finished searches (OUT/searches/*/headline.json) and trainings
-(OUT/train/<model>/seed<N>/headline.json) are kept; a killed training restarts from scratch. Settings that
-change results (schedule, data, seeds, search) are checked against OUT/settings.json.
+Resumable: run the same command again. Finished searches (OUT/searches/*/headline.json), short trainings
+(OUT/rerank/<model>/seed<N>/short.json) and trainings (OUT/train/<model>/seed<N>/headline.json) are kept; a
+killed training restarts from scratch. Settings that change results (schedule, data, seeds, search) are checked
+against OUT/settings.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -45,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from nas.arch.spec import dumps_arch  # noqa: E402
+from nas.arch.spec import dumps_arch, loads_arch
 from nas.errors import ConfigError, NasError
 
 BASELINES = ("mobilenet_v2_100", "mobilenet_v3_large_100", "mobilenet_v3_small_100", "mobilenet_v4_conv_small",
@@ -58,13 +61,35 @@ SMOKE = {"trials": 24, "top_k": 2, "rerank": 3, "epochs": 1, "imgsz": 64, "batch
 RESULT_SETTINGS = ("experiment", "space", "table", "resolution", "mode", "proxy", "trials", "rerank", "rerank_seeds",
                    "epochs", "minutes", "imgsz", "batch", "train_images", "val_images", "data_seed", "neck",
                    "calibrate")
-T0 = time.time()
+T0 = time.time()  # a pool worker gets the script's start from its initializer
+
+
+def stamp(msg: str) -> str:
+    return f"[{time.strftime('%H:%M:%S')} +{(time.time() - T0) / 60:5.1f} min] {msg}"
 
 
 def log(msg: str) -> None:
-    # one write per line: two worker processes share the terminal
-    sys.stdout.write(f"[{time.strftime('%H:%M:%S')} +{(time.time() - T0) / 60:5.1f} min] {msg}\n")
+    # one write per line: the pool workers share the terminal
+    sys.stdout.write(stamp(msg) + "\n")
     sys.stdout.flush()
+
+
+class Stamped(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return stamp(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage())
+
+
+def show_library_logs(quiet: bool) -> None:
+    """The library's records on stdout, stamped like the script's lines; per-epoch lines unless --quiet; Optuna's
+    per-trial lines off (the searches report when they finish)."""
+    import optuna
+
+    handler = logging.StreamHandler(sys.stdout)  # one write per record
+    handler.setFormatter(Stamped())
+    logging.getLogger("nas").addHandler(handler)
+    logging.getLogger("nas").setLevel(logging.INFO)
+    logging.getLogger("nas.report.compare").setLevel(logging.INFO if quiet else logging.DEBUG)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def usable_cores() -> list[int]:
@@ -247,7 +272,7 @@ def pinned_space(exp, resolution: int, out: Path) -> Path:
 
 # ---------------------------------------------------------------- budgets
 
-def measure_budgets(args, exp, table, head, out: Path) -> dict[str, Any]:
+def measure_budgets(args, table, head, out: Path) -> dict[str, Any]:
     """Measured (and predicted) latencies of the budget-defining zoo detectors; kept in OUT/budgets.json so a
     rerun searches against the same budgets."""
     path = out / "budgets.json"
@@ -263,10 +288,9 @@ def measure_budgets(args, exp, table, head, out: Path) -> dict[str, Any]:
         from nas.report.compare import measure_detectors, predicted_ms
 
         torch.manual_seed(0)
-        models = {n: Detector(get_arch(n), head.num_classes, neck=head.neck, width=head.width, depth=head.depth)
-                  for n in BUDGET_MODELS}
+        models = {n: Detector(get_arch(n), head) for n in BUDGET_MODELS}
         t = time.time()
-        m = measure_detectors(models, args.resolution, table.protocol, rounds=args.budget_rounds, log=log)
+        m = measure_detectors(models, args.resolution, table.protocol, rounds=args.budget_rounds)
         ref = {"resolution": args.resolution, "seconds": round(time.time() - t, 1),
                "measured_ms": {n: round(m[n].value_us("median") / 1e3, 3) for n in BUDGET_MODELS},
                "measured_p10_ms": {n: round(m[n].value_us("p10") / 1e3, 3) for n in BUDGET_MODELS},
@@ -300,11 +324,12 @@ def search_task(task: dict[str, Any]) -> dict[str, Any]:
     under the budget are the candidates."""
     from nas.report.compare import top_members
     from nas.report.fronts import front
+    from nas.report.tensorboard import tensorboard_callbacks
     from nas.search.study import run, summary
 
     exp, max_ms, k = task["exp"], task["max_ms"], task["top_k"]
     t = time.time()
-    study = run(exp, progress=False)
+    study = run(exp, progress=False, callbacks=tensorboard_callbacks(exp))
     wall = time.time() - t
     try:
         members = top_members(study, k, max_ms) if k else []
@@ -316,7 +341,7 @@ def search_task(task: dict[str, Any]) -> dict[str, Any]:
             "members": [{"label": m.label, "score": m.score, "arch": dumps_arch(m.arch)} for m in members]}
 
 
-def run_searches(args, exp, budgets, space: Path, out: Path, pool) -> list[dict[str, Any]]:
+def run_searches(args, exp, budgets, space: Path, out: Path, map_fn) -> list[dict[str, Any]]:
     tasks, done = [], {}
     for b in budgets:
         name = f"search_{b['tag']}_{b['search_budget_ms']:g}ms"
@@ -332,7 +357,7 @@ def run_searches(args, exp, budgets, space: Path, out: Path, pool) -> list[dict[
         tasks.append((b["tag"], marker, {"exp": e, "max_ms": b["search_budget_ms"], "top_k": n_candidates(args)}))
         log(f"search {name}: {e.mode} mode, {e.trials} trials, proxy {e.evaluator.proxy}, "
             f"budget {e.budget_ms:g} ms predicted (whole detector)")
-    for (tag, marker, _), r in zip(tasks, pool.map(search_task, [t[2] for t in tasks])):
+    for (tag, marker, _), r in zip(tasks, map_fn(search_task, [t[2] for t in tasks])):
         r["candidates"] = n_candidates(args)
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_json(marker, r)
@@ -346,10 +371,10 @@ def n_candidates(args) -> int:
     return max(args.top_k, args.rerank) if args.top_k else 0
 
 
-# ---------------------------------------------------------------- rerank
+# ---------------------------------------------------------------- rerank and trainings (nas.report)
 
 def short_schedule(args, neck: str):
-    """nas.rerank's schedule; --smoke shrinks it to the smoke run's data and image size."""
+    """The short schedule of nas.report.rerank; --smoke shrinks it to the smoke run's data and image size."""
     from nas.detect.short import ShortSchedule
 
     if args.smoke:
@@ -358,101 +383,78 @@ def short_schedule(args, neck: str):
     return ShortSchedule(neck=neck)
 
 
-def rerank_task(task: dict[str, Any]) -> dict[str, Any]:
-    from nas.arch.spec import loads_arch
-    from nas.detect.short import short_score
-
-    r = short_score(loads_arch(task["arch"], task["label"]), task["schedule"], task["data"], Path(task["dir"]))
-    log(f"rerank {task['label']}: mAP50-95 {r['map50_95']:.4f} after the short training (mean of "
-        + ", ".join(f"{m:.4f}" for m in r["per_seed"]) + f"; {r['train_s']:.0f} s)")
-    return {"label": task["label"], **r}
-
-
-def run_reranks(args, budgets, searches, neck: str, out: Path, pool) -> float:
-    """Short-train every search's candidates (one per core at a time, finished ones reused), then keep each
-    search's --top-k best by mean short-training mAP as its members; all of them, ranked, go to the search's
-    `candidates_ranked`. Returns the wall time."""
-    from nas.arch.spec import loads_arch
+def run_reranks(args, budgets, searches, neck: str, out: Path, map_fn) -> float:
+    """Short-train every search's candidates (nas.report.rerank, one per core at a time, finished ones reused),
+    then keep each search's --top-k best by mean short-training mAP as its members; all of them, ranked, go to the
+    search's `candidates_ranked`. Returns the wall time."""
     from nas.report.compare import Entrant
-    from nas.report.rerank import Ranked, order
+    from nas.report.rerank import Ranked, order, rerank
 
     if not args.rerank:
         for s in searches:
             s["members"] = s["members"][:args.top_k]
         return 0.0
     schedule = short_schedule(args, neck)
-    data = schedule.dataset(out / "rerank")
-    tasks: dict[str, dict[str, Any]] = {}  # one per architecture: both searches may find the same one
+    archs: dict[str, str] = {}  # label -> arch, one per architecture: both searches may find the same one
     for b, s in zip(budgets, searches):
         for m in s["members"]:
-            label = next((k for k, t in tasks.items() if t["arch"] == m["arch"]), f"{b['tag']}-{m['label']}")
-            m["rerank_label"] = label
-            tasks.setdefault(label, {"label": label, "arch": m["arch"], "schedule": schedule, "data": data,
-                                     "dir": str(out / "rerank" / label)})
-    log(f"rerank: {len(tasks)} candidates, {schedule.epochs} epochs at {schedule.imgsz} px each with seeds "
+            m["rerank_label"] = next((k for k, a in archs.items() if a == m["arch"]), f"{b['tag']}-{m['label']}")
+            archs.setdefault(m["rerank_label"], m["arch"])
+    log(f"rerank: {len(archs)} candidates, {schedule.epochs} epochs at {schedule.imgsz} px each with seeds "
         f"{', '.join(map(str, schedule.seeds))}, {len(args.cores)} candidates at a time")
     t = time.time()
-    results = {r["label"]: r for r in pool.map(rerank_task, sorted(tasks.values(), key=lambda x: x["label"]))}
+    candidates = [Entrant(k, "search", loads_arch(archs[k], k)) for k in sorted(archs)]
+    # the script owns its processes: keeping freed memory saves page faults in every training step
+    results = {x.entrant.label: x for x in rerank(candidates, schedule, out / "rerank", map_fn, retain_heap=True)}
     for b, s in zip(budgets, searches):
-        by_label = {m["label"]: {**m, **results[m["rerank_label"]], "label": m["label"]} for m in s["members"]}
+        by_label = {}
+        for m in s["members"]:
+            r = results[m["rerank_label"]]
+            by_label[m["label"]] = {**m, "map50_95": r.map50_95, "map50": r.map50, "train_s": r.train_s,
+                                    "train_cpu_s": r.train_cpu_s, "per_seed": list(r.per_seed)}
         ranked = order(Ranked(Entrant(c["label"], "search", loads_arch(c["arch"], c["label"]), c["score"]),
                               c["map50_95"], c["map50"], c["train_s"]) for c in by_label.values())
         s["candidates_ranked"] = [{**by_label[x.entrant.label], "chosen": i < args.top_k} for i, x in enumerate(ranked)]
         members = {m["label"]: m for m in s["members"]}
         s["members"] = [members[x.entrant.label] for x in ranked[:args.top_k]]
+        log(f"rerank {b['tag']}: after the short training "
+            + ", ".join(f"{x.entrant.label} {x.map50_95:.4f}" for x in ranked))
         log(f"rerank {b['tag']}: training " + ", ".join(m["label"] for m in s["members"]))
     return time.time() - t
 
 
-# ---------------------------------------------------------------- trainings
-
-def train_task(task: dict[str, Any]) -> dict[str, Any]:
-    """One training into OUT/train/<label>/seed<N>; its headline.json marks it finished."""
-    from nas.arch.spec import loads_arch
-    from nas.detect.train import TrainConfig, train
-
-    run_dir = Path(task["project"]) / f"seed{task['seed']}"
-    if run_dir.exists():  # killed mid-training: start again rather than mix two runs' files
-        shutil.rmtree(run_dir)
-    who = f"{task['label']} seed {task['seed']}"
-    log(f"training {who} ({task['epochs']} epochs at {task['imgsz']} px, core {sorted(os.sched_getaffinity(0))})")
-
-    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
-        if not task["quiet"]:
-            log(f"  {who}: epoch {epoch}, mAP50-95 {row['map50_95']:.4f}, mAP50 {row['map50']:.4f}, "
-                f"{row['time']:.0f} s")
-
-    cfg = TrainConfig(arch=loads_arch(task["arch"], task["label"]), data=task["data"], epochs=task["epochs"],
-                      imgsz=task["imgsz"], batch=task["batch"], workers=0, threads=1, neck=task["neck"],
-                      seed=task["seed"], time_limit_s=task["minutes"] * 60 if task["minutes"] else None,
-                      project=task["project"], name=run_dir.name, exist_ok=True, progress=False)
-    r = train(cfg, on_epoch)
-    res = {"label": task["label"], "seed": task["seed"], "map50_95": r.map50_95, "map50": r.map50,
-           "epochs": r.epochs, "best_epoch": r.best_epoch, "wall_s": round(r.seconds, 1),
-           "weights": str(r.best if r.best.is_file() else r.last)}
-    write_json(run_dir / "headline.json", res)
-    log(f"trained {who}: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f}, {r.epochs} epochs, {r.seconds / 60:.1f} min")
-    return res
-
-
-def run_trainings(args, entrants: dict[str, dict[str, Any]], data: Path, neck: str, out: Path, pool
+def run_trainings(args, entrants: dict[str, dict[str, Any]], data: Path, head, out: Path, map_fn
                   ) -> dict[str, list[dict[str, Any]]]:
+    """Every entrant with every seed into OUT/train/<label>/seed<N> (nas.report.compare's training task, one per
+    core at a time, heaviest first); a training's headline.json marks it finished."""
+    from nas.detect.train import TrainConfig
+    from nas.report.compare import Training, run_training
+
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in entrants}
-    tasks = []
-    for label, e in entrants.items():
+    pending = []  # (label, run folder, task)
+    # heaviest first: the last ones to finish are short
+    for label, e in sorted(entrants.items(), key=lambda x: -x[1]["macs"]):
         for seed in args.seeds:
-            prev = read_json(out / "train" / label / f"seed{seed}" / "headline.json")
+            run_dir = out / "train" / label / f"seed{seed}"
+            prev = read_json(run_dir / "headline.json")
             if isinstance(prev, dict) and Path(prev.get("weights", "")).is_file():
                 results[label].append(prev)
                 continue
-            tasks.append({"label": label, "arch": e["arch"], "seed": seed, "data": str(data), "epochs": args.epochs,
-                          "minutes": args.minutes, "imgsz": args.imgsz, "batch": args.batch, "neck": neck,
-                          "project": str(out / "train" / label), "quiet": args.quiet, "macs": e["macs"]})
-    reused = sum(len(v) for v in results.values())
-    log(f"trainings: {len(tasks)} to run, {reused} finished earlier, {len(args.cores)} at a time")
-    tasks.sort(key=lambda t: -t["macs"])  # heaviest first: the last ones to finish are short
-    for r in pool.map(train_task, tasks):
-        results[r["label"]].append(r)
+            if run_dir.exists():  # killed mid-training: start again rather than mix two runs' files
+                shutil.rmtree(run_dir)
+            cfg = TrainConfig(arch=loads_arch(e["arch"], label), data=str(data), epochs=args.epochs, imgsz=args.imgsz,
+                              batch=args.batch, workers=0, threads=1, head=head, seed=seed,
+                              time_limit_s=args.minutes * 60 if args.minutes else None, project=str(run_dir.parent),
+                              name=run_dir.name, exist_ok=True, progress=False, retain_heap=True)
+            pending.append((label, run_dir, Training(f"{label} seed {seed}", cfg)))
+    log(f"trainings: {len(pending)} to run, {sum(map(len, results.values()))} finished earlier, "
+        f"{len(args.cores)} at a time")
+    for (label, run_dir, task), r in zip(pending, map_fn(run_training, [p[2] for p in pending])):
+        res = {"label": label, "seed": task.config.seed, "map50_95": r.map50_95, "map50": r.map50,
+               "epochs": r.epochs, "best_epoch": r.best_epoch, "wall_s": round(r.seconds, 1),
+               "weights": str(r.best if r.best.is_file() else r.last)}
+        write_json(run_dir / "headline.json", res)
+        results[label].append(res)
     for v in results.values():
         v.sort(key=lambda r: r["seed"])
     return results
@@ -460,19 +462,12 @@ def run_trainings(args, entrants: dict[str, dict[str, Any]], data: Path, neck: s
 
 # ---------------------------------------------------------------- pools
 
-class InProcess:
-    """--jobs 1: everything in this process (already pinned), so tracebacks and Ctrl-C are plain."""
-
-    def map(self, fn, items):
-        return [fn(x) for x in items]
-
-    def shutdown(self):
-        pass
-
-
-def _init_worker(cores) -> None:
+def init_worker(cores, t0: float, quiet: bool) -> None:
+    global T0
+    T0 = t0
     die_with_parent()
     pin(cores.get())
+    show_library_logs(quiet)
 
 
 def die_with_parent() -> None:
@@ -487,10 +482,12 @@ def die_with_parent() -> None:
         pass
 
 
-def make_pool(cores: list[int]):
+def make_pool(cores: list[int], quiet: bool):
+    """A process pool with one worker per core, or None for --jobs 1 (everything in this process, already pinned,
+    so tracebacks and Ctrl-C are plain)."""
     pin(cores[0])  # this process measures (budgets, final run): on the first core, while the workers are idle
     if len(cores) == 1:
-        return InProcess()
+        return None
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -498,7 +495,7 @@ def make_pool(cores: list[int]):
     q = ctx.Queue()
     for c in cores:
         q.put(c)
-    return ProcessPoolExecutor(len(cores), mp_context=ctx, initializer=_init_worker, initargs=(q,))
+    return ProcessPoolExecutor(len(cores), mp_context=ctx, initializer=init_worker, initargs=(q, T0, quiet))
 
 
 # ---------------------------------------------------------------- outputs
@@ -578,9 +575,9 @@ def rerank_table(search: dict[str, Any], st: dict[str, Any]) -> list[str]:
     ranked = search.get("candidates_ranked")
     if not ranked:
         return []
-    lines = [f"Rerank: the search's {len(ranked)} best front members under the budget by its score, ordered by "
-             f"mAP50-95 after the short training (nas.rerank: mean over seeds, listed); the first {st['top_k']} are "
-             "trained below.", "",
+    lines = [(f"Rerank: the search's {len(ranked)} best front members under the budget by its score, ordered by "
+              f"mAP50-95 after the short training (nas.report.rerank: mean over seeds, listed); the first "
+              f"{st['top_k']} are trained below."), "",
              "| candidate | predicted ms | MACs | search score | short-training mAP50-95 | seeds | trained |",
              "|---|---:|---:|---:|---:|---|---|"]
     for c in ranked:
@@ -629,80 +626,46 @@ def exact_command(argv: list[str] | None) -> str:
 
 # ---------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    command = exact_command(argv)  # before this process pins itself or sets OMP_NUM_THREADS: as the user ran it
-    args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by spawned workers before they import torch
-    from nas.arch.detector import HeadConfig, detector_cost
-    from nas.arch.spec import loads_arch
-    from nas.arch.zoo import get_arch
+def collect_entrants(args, budgets, searches, table, head) -> dict[str, dict[str, Any]]:
+    """Every model once (the baselines serve both budgets, a front member found by both searches trains once),
+    with its params, MACs and predicted latency at --resolution; the rerank candidates get the last two too."""
+    from nas.arch.detector import detector_cost
+    from nas.report.compare import predicted_ms, zoo_entrants
+
+    entrants = {z.label: {"source": "zoo", "arch": dumps_arch(z.arch), "budgets": [x["tag"] for x in budgets]}
+                for z in zoo_entrants(args.baseline_names)}
+    for bud, s in zip(budgets, searches):
+        for m in s["members"]:
+            same = next((k for k, e in entrants.items() if e["arch"] == m["arch"]), None)
+            if same:
+                entrants[same]["budgets"].append(bud["tag"])
+            else:
+                entrants[f"{bud['tag']}-{m['label']}"] = {"source": "search", "arch": m["arch"],
+                                                           "budgets": [bud["tag"]], "score": m["score"]}
+    for label, e in entrants.items():
+        arch = loads_arch(e["arch"], label)
+        e["params"], e["macs"] = detector_cost(arch, head, args.resolution)
+        e["predicted_ms"] = predicted_ms(table, arch, head, args.resolution)
+    for s in searches:
+        for c in s.get("candidates_ranked", []):
+            arch = loads_arch(c["arch"], c["label"])
+            c["macs"] = detector_cost(arch, head, args.resolution)[1]
+            c["predicted_ms"] = predicted_ms(table, arch, head, args.resolution)
+    return entrants
+
+
+def measure_final(args, entrants, trained, table) -> tuple[dict[str, dict[str, Any]], float]:
+    """ONE interleaved run over every compared detector (the first seed's weights: seeds share the architecture);
+    returns each model's row and the measurement's wall time."""
     from nas.detect.checkpoint import load_detector
-    from nas.detect.digits import ensure_digits
-    from nas.latency.environment import environment
-    from nas.latency.table import LatencyTable
-    from nas.report.compare import measure_detectors, predicted_ms
+    from nas.report.compare import measure_detectors
 
-    out = args.out
-    exp = load_search_experiment(args)
-    head = HeadConfig(neck=exp.evaluator.neck, num_classes=10)  # DigitsDet's 10 digits
-    if exp.scope != "detector" or exp.num_classes != 10:
-        raise ConfigError(str(args.experiment), "scope", "the headline benchmark needs a detector-scope experiment "
-                                                         "with num_classes 10 (DigitsDet)")
-    check_settings(out, settings(args, exp))
-    log(f"headline benchmark into {out}: cores {args.cores}, seeds {args.seeds}, {args.epochs} epochs at "
-        f"{args.imgsz} px, {len(args.baseline_names)} baselines, {args.trials} trials x 2 searches")
-    pool = make_pool(args.cores)
-    try:
-        table = LatencyTable.load(args.table)
-        space = pinned_space(exp, args.resolution, out)
-        b = measure_budgets(args, exp, table, head, out)
-        budgets = b["budgets"]
-
-        t = time.time()
-        data = ensure_digits(out / "data" / f"digitsdet_{args.train_images}_{args.val_images}_{args.imgsz}",
-                             args.train_images, args.val_images, imgsz=args.imgsz, seed=args.data_seed,
-                             progress=False, workers=0)
-        log(f"DigitsDet ready: {data} ({time.time() - t:.0f} s)")
-
-        searches = run_searches(args, exp, budgets, space, out, pool)
-        rerank_s = run_reranks(args, budgets, searches, head.neck, out, pool)
-        # every model once: the baselines serve both budgets, a front member found by both searches trains once
-        entrants: dict[str, dict[str, Any]] = {}
-        for name in args.baseline_names:
-            entrants[name] = {"source": "zoo", "arch": dumps_arch(get_arch(name)),
-                              "budgets": [x["tag"] for x in budgets]}
-        for bud, s in zip(budgets, searches):
-            for m in s["members"]:
-                same = next((k for k, e in entrants.items() if e["arch"] == m["arch"]), None)
-                if same:
-                    entrants[same]["budgets"].append(bud["tag"])
-                else:
-                    entrants[f"{bud['tag']}-{m['label']}"] = {"source": "search", "arch": m["arch"],
-                                                               "budgets": [bud["tag"]], "score": m["score"]}
-        for label, e in entrants.items():
-            arch = loads_arch(e["arch"], label)
-            e["params"], e["macs"] = detector_cost(arch, head, args.resolution)
-            e["predicted_ms"] = predicted_ms(table, arch, head, args.resolution)
-        for s in searches:
-            for c in s.get("candidates_ranked", []):
-                arch = loads_arch(c["arch"], c["label"])
-                c["macs"] = detector_cost(arch, head, args.resolution)[1]
-                c["predicted_ms"] = predicted_ms(table, arch, head, args.resolution)
-
-        t = time.time()
-        trained = run_trainings(args, entrants, data, head.neck, out, pool)
-        train_wall = time.time() - t
-    finally:
-        pool.shutdown()
-
-    # ONE interleaved run over every compared detector (the first seed's weights: seeds share the architecture)
     pin(args.cores[0])
     t = time.time()
     models = {label: load_detector(trained[label][0]["weights"]) for label in entrants}
-    m = measure_detectors(models, args.resolution, table.protocol, rounds=args.measure_rounds, log=log)
+    m = measure_detectors(models, args.resolution, table.protocol, rounds=args.measure_rounds)
     measure_s = time.time() - t
     log(f"measured in {measure_s / 60:.1f} min")
-
     rows: dict[str, dict[str, Any]] = {}
     for label, e in entrants.items():
         runs = trained[label]
@@ -713,13 +676,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "map50_95": spread([r["map50_95"] for r in runs]), "map50": spread([r["map50"] for r in runs]),
                        "seeds": runs, "train_wall_s": round(sum(r["wall_s"] for r in runs), 1),
                        "score": e.get("score"), "arch": e["arch"]}
-    report: dict[str, Any] = {"command": command, "settings": settings(args, exp),
-                              "data": str(data), "environment": environment(table.protocol),
-                              "budget_reference": b["reference"],
-                              "wall_s": round(time.time() - T0, 1), "rerank_s": round(rerank_s, 1),
-                              "train_wall_s": round(train_wall, 1),
-                              "train_cpu_s": round(sum(r["train_wall_s"] for r in rows.values()), 1),
-                              "measure_s": round(measure_s, 1), "budgets": [], "models": rows}
+    return rows, measure_s
+
+
+def judge(args, budgets, searches, rows, out: Path) -> list[dict[str, Any]]:
+    """Each budget's limit, rows (searched models of the budget, then every baseline, fastest first), figure and
+    verdict."""
     for bud in budgets:
         # A budget that is a zoo detector's latency is judged against that detector in the same interleaved run:
         # the machine drifts 10-40% between the first measurement and this one.
@@ -728,18 +690,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bud["limit_source"] = (f"{bud['reference']} measured in the same interleaved run" if ref
                                else bud["source"] if bud["reference"] is None
                                else f"{bud['source']} before the searches (not among the compared models)")
+    judged = []
     for bud, s in zip(budgets, searches):
-        # searched models of this budget, then every baseline, fastest first
         brows = sorted([r for r in rows.values() if bud["tag"] in r["budgets"]],
                        key=lambda r: (r["source"] != "search", r["measured_ms"]))
         png = out / f"map_vs_latency_{bud['tag']}.png"
         figure(bud, [x for x in budgets if x is not bud], brows, png,
                f"budget {bud['tag']} {bud['limit_ms']:.2f} ms: {args.epochs} epochs at {args.imgsz} px, "
                f"latency at {args.resolution} px")
-        report["budgets"].append({**bud, "search": s, "rows": brows, "verdict": verdict(bud, brows),
-                                  "figure": png.name,
-                                  "train_wall_s": round(sum(r["train_wall_s"] for r in brows
-                                                            if r["source"] == "search"), 1)})
+        judged.append({**bud, "search": s, "rows": brows, "verdict": verdict(bud, brows), "figure": png.name,
+                       "train_wall_s": round(sum(r["train_wall_s"] for r in brows if r["source"] == "search"), 1)})
+    return judged
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    command = exact_command(argv)  # before this process pins itself or sets OMP_NUM_THREADS: as the user ran it
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by spawned workers before they import torch
+    show_library_logs(args.quiet)
+    from nas.arch.headconfig import HeadConfig
+    from nas.detect.digits import ensure_digits
+    from nas.latency.environment import environment
+    from nas.latency.table import LatencyTable
+
+    out = args.out
+    exp = load_search_experiment(args)
+    head = HeadConfig(neck=exp.evaluator.neck, num_classes=10)  # DigitsDet's 10 digits
+    if exp.scope != "detector" or exp.num_classes != 10:
+        raise ConfigError(str(args.experiment), "scope", "the headline benchmark needs a detector-scope experiment "
+                                                         "with num_classes 10 (DigitsDet)")
+    check_settings(out, settings(args, exp))
+    log(f"headline benchmark into {out}: cores {args.cores}, seeds {args.seeds}, {args.epochs} epochs at "
+        f"{args.imgsz} px, {len(args.baseline_names)} baselines, {args.trials} trials x 2 searches")
+    pool = make_pool(args.cores, args.quiet)
+    map_fn = pool.map if pool is not None else map
+    try:
+        table = LatencyTable.load(args.table)
+        space = pinned_space(exp, args.resolution, out)
+        b = measure_budgets(args, table, head, out)
+        budgets = b["budgets"]
+        t = time.time()
+        data = ensure_digits(out / "data" / f"digitsdet_{args.train_images}_{args.val_images}_{args.imgsz}",
+                             args.train_images, args.val_images, imgsz=args.imgsz, seed=args.data_seed,
+                             progress=False, workers=0)
+        log(f"DigitsDet ready: {data} ({time.time() - t:.0f} s)")
+        searches = run_searches(args, exp, budgets, space, out, map_fn)
+        rerank_s = run_reranks(args, budgets, searches, head.neck, out, map_fn)
+        entrants = collect_entrants(args, budgets, searches, table, head)
+        t = time.time()
+        trained = run_trainings(args, entrants, data, head, out, map_fn)
+        train_wall = time.time() - t
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    rows, measure_s = measure_final(args, entrants, trained, table)
+    report: dict[str, Any] = {"command": command, "settings": settings(args, exp),
+                              "data": str(data), "environment": environment(table.protocol),
+                              "budget_reference": b["reference"],
+                              "wall_s": round(time.time() - T0, 1), "rerank_s": round(rerank_s, 1),
+                              "train_wall_s": round(train_wall, 1),
+                              "train_cpu_s": round(sum(r["train_wall_s"] for r in rows.values()), 1),
+                              "measure_s": round(measure_s, 1), "budgets": [], "models": rows}
+    report["budgets"] = judge(args, budgets, searches, rows, out)
     write_json(out / "results.json", report)
     (out / "headline.md").write_text(markdown(report))
     print()

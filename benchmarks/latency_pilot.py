@@ -14,12 +14,7 @@ import time
 from nas.latency.coverage import arch_ops
 from nas.latency.protocol import Protocol
 from nas.latency.table import LatencyTable
-from nas.latency.validate import (
-    calibrate,
-    calibration_archs,
-    validate,
-    validation_archs,
-)
+from nas.latency.validate import calibrate, calibration_archs, validate, validation_archs
 from nas.space import load_space
 
 

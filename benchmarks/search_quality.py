@@ -25,12 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nas.report.fronts import Point, hypervolume, trial_points
-from nas.search.experiment import (  # noqa: E402
-    EvaluatorConfig,
-    Experiment,
-    apply_overrides,
-    load_experiment,
-)
+from nas.search.experiment import EvaluatorConfig, Experiment, apply_overrides, load_experiment  # noqa: E402
 from nas.search.storage import make_storage
 from nas.search.study import run
 
@@ -79,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "runs/bench_search_quality"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial would bury the table
 
     base = load_experiment(args.experiment)
     if args.budget_ms:

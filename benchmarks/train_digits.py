@@ -32,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from train_step import measure_throughput  # noqa: E402
 
+from nas.arch.headconfig import HeadConfig
 from nas.arch.zoo import get_arch  # noqa: E402
 from nas.detect.data import YoloDataset, collate, load_data_config  # noqa: E402
 from nas.detect.digits import ensure_digits  # noqa: E402
-from nas.detect.train import TrainConfig, train
+from nas.detect.train import train  # noqa: E402
+from nas.detect.trainconfig import TrainConfig  # noqa: E402
 from nas.errors import ConfigError, NasError  # noqa: E402
-from nas.system import cache_dir
+from nas.system import cache_dir  # noqa: E402
 
 MODELS = ("zoo:mobilenet_v4_conv_small", "zoo:mobilenet_v3_small_100", "zoo:yolov8n_csp")
 MAX_EPOCHS = 300  # only a cap: the time budget decides
@@ -70,7 +72,8 @@ def run_model(ref: str, data_yaml: Path, args: argparse.Namespace, project: Path
     steps = measure_throughput(arch, step_batches(data_yaml, args.imgsz, args.batch, args.seed), neck=args.neck,
                                steps=args.throughput_steps, warmup=3, threads=args.threads, seed=args.seed)
     cfg = TrainConfig(arch=arch, data=str(data_yaml), epochs=MAX_EPOCHS, imgsz=args.imgsz, batch=args.batch,
-                      workers=args.workers, threads=args.threads, neck=args.neck, seed=args.seed,
+                      workers=args.workers, threads=args.threads, head=HeadConfig(neck=args.neck), seed=args.seed,
+                      retain_heap=True,  # as `nas train` does
                       time_limit_s=args.minutes * 60, project=str(project), name=arch.name, progress=not args.quiet)
     r = train(cfg)
     train_s = sum(h["time"] - h["val_time"] for h in r.history)

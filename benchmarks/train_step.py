@@ -20,16 +20,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nas.arch.detector import Detector
+from nas.arch.headconfig import NECKS, HeadConfig
 from nas.arch.spec import ArchSpec  # noqa: E402
 from nas.arch.zoo import get_arch  # noqa: E402
+from nas.detect.device import resolve_channels_last  # noqa: E402
 from nas.detect.loss import DetectionLoss  # noqa: E402
-from nas.detect.train import (
-    ModelEMA,
-    TrainConfig,
-    build_optimizer,
-    resolve_channels_last,
-)
-from nas.system import retain_heap
+from nas.detect.optim import ModelEMA, build_optimizer  # noqa: E402
+from nas.detect.trainconfig import TrainConfig  # noqa: E402
+from nas.system import retain_heap  # noqa: E402
 
 
 def synthetic_batches(n: int, batch: int, imgsz: int, nc: int = 10, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
@@ -69,7 +67,7 @@ def measure_throughput(arch: ArchSpec, batches: Iterable[tuple[Tensor, Tensor]],
         fmt = torch.channels_last if cl else torch.contiguous_format
         torch.manual_seed(seed)
         imgsz = batches[0][0].shape[-1]
-        model = Detector(arch, nc, neck=neck).to(memory_format=fmt).train()
+        model = Detector(arch, HeadConfig(neck=neck, num_classes=nc)).to(memory_format=fmt).train()
         criterion = DetectionLoss(nc, model.strides, model.reg_max)
         cfg = TrainConfig(arch=arch, batch=batches[0][0].shape[0])
         optimizer = build_optimizer(model, cfg, 0.01)
@@ -106,7 +104,7 @@ def measure_throughput(arch: ArchSpec, batches: Iterable[tuple[Tensor, Tensor]],
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="zoo:mobilenet_v4_conv_small", help="zoo:NAME (default %(default)s)")
-    p.add_argument("--neck", default="yolov8", choices=("yolov8", "dw"))
+    p.add_argument("--neck", default="yolov8", choices=NECKS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps (default %(default)s)")

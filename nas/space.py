@@ -11,14 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
-from nas.arch.spec import (
-    ACTIVATIONS,
-    ArchSpec,
-    BlockSpec,
-    StageSpec,
-    check_shapes,
-    make_divisible,
-)
+from nas.arch.spec import ACTIVATIONS, ArchSpec, BlockSpec, StageSpec, check_shapes, make_divisible
 from nas.config import check_keys, join, load_yaml, read, require_mapping, suggest
 from nas.errors import ConfigError
 

@@ -4,13 +4,7 @@ import itertools
 import pytest
 import torch
 
-from nas.arch.blocks import (
-    FusedIB,
-    MobileMQA,
-    SqueezeExcite,
-    UniversalInvertedBottleneck,
-    build_block,
-)
+from nas.arch.blocks import FusedIB, MobileMQA, SqueezeExcite, UniversalInvertedBottleneck, build_block
 from nas.arch.spec import ACTIVATIONS, BlockSpec
 
 UIB_VARIANTS = {

@@ -45,3 +45,10 @@ def test_space_info_json():
 def test_missing_file_is_one_line():
     r = run("space", "info", "nope.yaml")
     assert r.returncode == 2 and r.stderr.strip() == "nas: error: nope.yaml: file not found"
+
+
+def test_help_does_not_import_torch():
+    """`nas --help` and the parser stay fast: torch is imported by the commands that use it, not by the parser."""
+    code = "import sys; from nas.commands.main import build_parser; build_parser(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -1,22 +1,23 @@
 """`nas train --from RUN`: front members and zoo baselines trained alike, measured side by side, compared."""
 import csv
 import json
+import pickle
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import DET, FAST
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nas.arch.detector import HeadConfig
+from nas.arch.headconfig import HeadConfig
 from nas.commands.main import main
 from nas.detect.digits import generate_digits
 from nas.errors import ConfigError
 from nas.latency.coverage import space_neckhead_ops
 from nas.latency.table import LatencyTable
-from nas.report.compare import DEFAULT_BASELINES, parse_baselines
+from nas.report.compare import DEFAULT_BASELINES, parse_baselines, top_members
 from nas.report.tensorboard import tensorboard_callbacks
-from nas.report.fronts import front
 from nas.search.experiment import apply_overrides, experiment_from_dict
 from nas.search.study import run
 from nas.space import space_from_dict
@@ -42,7 +43,7 @@ def searched(tmp_path_factory):
     for trials in (8, 16, 32):
         exp = apply_overrides(exp, {"trials": trials})
         study = run(exp, progress=False, callbacks=tensorboard_callbacks(exp))
-        if len({p.arch for p in front(study)}) >= 3:
+        if len(top_members(study, 3)) == 3:
             break
     data = generate_digits(d / "digits", 16, 8, imgsz=64, min_size=10, max_size=28, progress=False, workers=0)
     return exp, str(data)
@@ -62,7 +63,9 @@ def test_train_from_run_compares_front_members_and_baselines(searched, capsys):
     argv = ["train", "--from", str(exp.run_dir), "--top-k", "2", "--baselines", "zoo:mobilenet_v3_small_100",
             "--data", data, "--epochs", "1", "--imgsz", "64", "--batch", "8", "--workers", "0", "--quiet", "--json"]
     assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "trained " not in captured.err  # --quiet: the library's information lines are not shown
     rows = out["rows"]
     assert [r["source"] for r in rows] == ["search", "search", "zoo"] and rows[2]["model"] == "mobilenet_v3_small_100"
     for r in rows:
@@ -87,9 +90,11 @@ def test_train_from_run_reranks_by_a_short_training(searched, capsys):
     exp, data = searched
     argv = ["train", "--from", str(exp.run_dir), "--top-k", "1", "--rerank", "3", "--baselines", "none",
             "--data", data, "--epochs", "1", "--imgsz", "64", "--batch", "8", "--workers", "0", "--no-measure",
-            "--quiet", "--json"]
+            "--json"]
     assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert captured.err.count("rerank [") == 3  # the library's log records, shown on stderr by the command
     ranked = out["rerank"]
     assert len(ranked) == 3 and len({r["model"] for r in ranked}) == 3
     assert [r["map50_95"] for r in ranked] == sorted((r["map50_95"] for r in ranked), reverse=True)
@@ -130,3 +135,29 @@ def test_top_members_train_each_architecture_once():
     assert [m.score for m in picked] == [2.0, 1.0]
     assert [m.label for m in top_members(study, 3)] == ["trial-1", "trial-0", "trial-3"]
     assert [m.label for m in top_members(study, 3, max_ms=5.0)] == ["trial-0", "trial-3"]
+
+
+def test_compare_hands_one_picklable_training_per_entrant_to_map_fn(tmp_path):
+    """Each training is one task through `map_fn` (a process pool must be able to pickle it and its function); rows
+    follow the entrants' order, and nothing is measured without a protocol."""
+    from nas.detect.train import TrainConfig, TrainResult
+    from nas.report.compare import compare, run_training, zoo_entrants
+
+    entrants = zoo_entrants(["mobilenet_v3_small_100", "mobilenet_v4_conv_small"])
+    tasks = []
+
+    def pool_map(fn, items):
+        assert pickle.loads(pickle.dumps(fn)) is run_training
+        tasks.extend(pickle.loads(pickle.dumps(t)) for t in items)
+        return [TrainResult(run_dir=Path(t.config.project) / t.config.name, best=Path("best.pt"), last=Path("last.pt"),
+                            epochs=2, best_epoch=2, map50=0.5, map50_95=0.1 * i, fitness=0.0)
+                for i, t in enumerate(tasks)]
+
+    base = TrainConfig(arch=entrants[0].arch, epochs=2, imgsz=64, head=HEAD)
+    rows = compare(entrants, base, tmp_path, HEAD, None, map_fn=pool_map)
+    assert [(t.label, t.config.arch, t.config.name, t.config.project) for t in tasks] == [
+        (e.label, e.arch, e.label, str(tmp_path)) for e in entrants]
+    assert all(t.config.epochs == 2 and t.config.imgsz == 64 and t.config.exist_ok for t in tasks)
+    assert [(r.model, r.source, r.map50_95, r.latency_ms) for r in rows] == [
+        ("mobilenet_v3_small_100", "zoo", 0.0, None), ("mobilenet_v4_conv_small", "zoo", 0.1, None)]
+    assert rows[1].run_dir == str(tmp_path / "mobilenet_v4_conv_small") and rows[0].params > 0

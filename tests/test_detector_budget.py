@@ -8,7 +8,8 @@ import torch
 import yaml
 from conftest import DET, FAST
 
-from nas.arch.detector import Detector, HeadConfig, NeckHead
+from nas.arch.detector import Detector, NeckHead
+from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import dumps_arch, load_arch, loads_arch
 from nas.commands.main import main
 from nas.errors import ConfigError
@@ -46,7 +47,7 @@ def test_neckhead_op_key_shapes_and_module_equal_the_detector_after_its_backbone
     assert op.key == f"neckhead neck=dw width=0.25 depth=0.33 classes=3 in={c3}/24/32 res=64"
     assert op.shapes == ((c3, 8, 8), (24, 4, 4), (32, 2, 2))
     torch.manual_seed(0)
-    detector = Detector(arch, 3, neck="dw").eval()
+    detector = Detector(arch, HEAD).eval()
     module = op.build().eval()
     assert isinstance(module, NeckHead)
     module.load_state_dict({k: v for k, v in detector.state_dict().items() if not k.startswith("backbone.")})

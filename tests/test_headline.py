@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import DET, FAST
 
-from nas.arch.detector import HeadConfig
+from nas.arch.headconfig import HeadConfig
 from nas.latency.coverage import space_neckhead_ops
 from nas.latency.table import LatencyTable
 from nas.space import space_from_dict

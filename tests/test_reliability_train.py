@@ -22,6 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 import nas.detect.train as train_mod
+from nas.arch.headconfig import HeadConfig
 from nas.arch.zoo import get_arch
 from nas.commands.main import main
 from nas.detect.checkpoint import load_checkpoint
@@ -277,7 +278,8 @@ def stopped_run(digits, tmp_path_factory) -> Path:
         raise Stop
 
     with pytest.raises(Stop):
-        train(TrainConfig(arch=get_arch(ARCH), data=digits, epochs=2, imgsz=64, batch=32, workers=0, neck="dw",
+        train(TrainConfig(arch=get_arch(ARCH), data=digits, epochs=2, imgsz=64, batch=32, workers=0,
+                          head=HeadConfig(neck="dw"),
                           project=str(project), name="run", progress=False, tensorboard=False), on_epoch=stop)
     return project / "run"
 

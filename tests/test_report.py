@@ -15,14 +15,7 @@ from nas.arch.backbone import build_backbone
 from nas.arch.spec import dumps_arch, load_arch, loads_arch
 from nas.commands.main import main
 from nas.report.baselines import Baseline
-from nas.report.fronts import (
-    Point,
-    front,
-    hypervolume,
-    knee,
-    pareto_indices,
-    trial_points,
-)
+from nas.report.fronts import Point, front, hypervolume, knee, pareto_indices, trial_points
 from nas.report.tensorboard import tensorboard_callbacks
 from nas.search.experiment import experiment_from_dict
 from nas.search.study import run

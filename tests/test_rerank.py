@@ -1,6 +1,8 @@
-"""nas.rerank: candidates short-trained alike, ordered by their mAP, finished trainings reused."""
+"""nas.report.rerank: candidates short-trained alike, ordered by their mAP, finished trainings reused."""
 import json
+import logging
 import math
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -28,9 +30,15 @@ def candidates():
     return [Entrant(f"trial-{s}", "search", space.random(s, name=f"c{s}"), float(s)) for s in range(3)]
 
 
-def test_rerank_trains_each_candidate_once_per_seed_and_orders_by_mean_short_map(candidates, tmp_path):
-    logged = []
-    ranked = rerank(candidates, TINY, tmp_path, logged.append)
+def pickling_map(fn, items):
+    """The builtin map, after the round trip a process pool puts the function and every task through."""
+    return map(pickle.loads(pickle.dumps(fn)), [pickle.loads(pickle.dumps(x)) for x in items])
+
+
+def test_rerank_trains_each_candidate_once_per_seed_and_orders_by_mean_short_map(candidates, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="nas.report.rerank"):
+        ranked = rerank(candidates, TINY, tmp_path)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rerank [")]
     assert sorted(x.entrant.label for x in ranked) == ["trial-0", "trial-1", "trial-2"]
     maps = [x.map50_95 for x in ranked]
     assert maps == sorted(maps, reverse=True) and all(0 <= m <= 1 for m in maps)
@@ -44,15 +52,15 @@ def test_rerank_trains_each_candidate_once_per_seed_and_orders_by_mean_short_map
 
     # a rerun reuses every finished training (their weights are not rewritten) and gives the same order
     stamps = [w.stat().st_mtime_ns for w in weights]
-    again = rerank(candidates, TINY, tmp_path, lambda s: None)
+    again = rerank(candidates, TINY, tmp_path, pickling_map)  # one picklable task per candidate
     assert [(x.entrant.label, x.map50_95) for x in again] == [(x.entrant.label, x.map50_95) for x in ranked]
     assert stamps == [w.stat().st_mtime_ns for w in weights]
 
     # another seed list reuses the seeds already trained and trains only the new one
-    rerank(candidates[:1], replace(TINY, seeds=(1, 2)), tmp_path, lambda s: None)
+    rerank(candidates[:1], replace(TINY, seeds=(1, 2)), tmp_path)
     assert (tmp_path / "trial-0" / "seed1" / "weights" / "last.pt").stat().st_mtime_ns == stamps[1]
     assert (tmp_path / "trial-0" / "seed2" / "short.json").is_file()
 
     # another schedule is another result: the marker does not hide it
-    rerank(candidates[:1], replace(TINY, lr0=0.002), tmp_path, lambda s: None)
+    rerank(candidates[:1], replace(TINY, lr0=0.002), tmp_path)
     assert (tmp_path / "trial-0" / "seed0" / "weights" / "last.pt").stat().st_mtime_ns != stamps[0]

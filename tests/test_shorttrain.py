@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 import nas.detect.digits as digits_mod
 import nas.detect.train as train_mod
 from nas.search.experiment import experiment_from_dict
-from nas.search.shorttrain import trial_data
+from nas.search.objective import short_schedule
 from nas.search.study import run
 
 # The shared TINY space has features at strides 4/8/16; the detector needs 8/16/32.
@@ -55,7 +55,8 @@ def test_digits_are_generated_once_by_concurrent_workers(det_space, tmp_path, mo
 
     monkeypatch.setattr(digits_mod, "generate_digits", counting)
     out: list[str] = []
-    threads = [threading.Thread(target=lambda: out.append(trial_data(exp))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: out.append(short_schedule(exp).dataset(exp.run_dir, "digits")))
+               for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -13,10 +13,13 @@ import pytest
 import torch
 
 import nas.detect.train as train_mod
+from nas.arch.headconfig import HeadConfig
 from nas.arch.zoo import get_arch
 from nas.commands.main import build_parser
 from nas.detect.checkpoint import FORMAT, load_checkpoint, load_detector
+from nas.detect.device import resolve_channels_last
 from nas.detect.digits import generate_digits
+from nas.detect.optim import planned_epochs
 from nas.detect.train import TrainConfig, TrainingDiverged, train
 from nas.errors import ConfigError, NasError
 
@@ -31,7 +34,7 @@ def digits(tmp_path_factory) -> str:
 
 
 def tiny(data: str, project: Path, **kw) -> TrainConfig:
-    base = dict(arch=get_arch(ARCH), data=data, epochs=2, imgsz=96, batch=8, workers=0, neck="dw",
+    base = dict(arch=get_arch(ARCH), data=data, epochs=2, imgsz=96, batch=8, workers=0, head=HeadConfig(neck="dw"),
                 project=str(project), progress=False, warmup_epochs=0.5, close_mosaic=1, seed=3)
     return TrainConfig(**{**base, **kw})
 
@@ -127,11 +130,12 @@ def test_torchrun_two_processes_gloo(digits, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(f"""
         import json, os
+        from nas.arch.detector import HeadConfig
         from nas.arch.zoo import get_arch
         from nas.detect.train import TrainConfig, train
         r = train(TrainConfig(get_arch({ARCH!r}), data={digits!r}, epochs=1, imgsz=64, batch=8, workers=0,
-                              neck="dw", project={str(tmp_path)!r}, name="ddp", exist_ok=True, progress=False,
-                              tensorboard=False))
+                              head=HeadConfig(neck="dw"), project={str(tmp_path)!r}, name="ddp", exist_ok=True,
+                              progress=False, tensorboard=False))
         with open(f"result_{{os.environ['RANK']}}.json", "w") as f:  # not stdout: the ranks' lines interleave
             json.dump({{"epochs": r.epochs, "dir": str(r.run_dir)}}, f)
     """))
@@ -219,19 +223,19 @@ def test_channels_last_trains_the_same_and_saves_standard_checkpoints(digits, tm
     model = load_detector(runs[True].last)
     assert all(p.is_contiguous() for p in model.parameters())
     assert model(torch.rand(1, 3, 96, 96)).is_contiguous()
-    assert train_mod.resolve_channels_last(None, torch.device("cpu"))
-    assert not train_mod.resolve_channels_last(None, torch.device("cuda", 0))
+    assert resolve_channels_last(None, torch.device("cpu"))
+    assert not resolve_channels_last(None, torch.device("cuda", 0))
     with pytest.raises(ConfigError, match="channels_last"):
         train(tiny(digits, tmp_path, channels_last="yes"))
 
 
 def test_time_limit_replans_epochs_and_ends_after_the_budget(digits, tmp_path):
     cfg = TrainConfig(epochs=50, time_limit_s=100.0)
-    assert train_mod.planned_epochs(cfg, []) == 50  # nothing measured yet: the cap
-    assert train_mod.planned_epochs(cfg, [10.0, 30.0]) == 5  # mean 20 s: 5 epochs fit
-    assert train_mod.planned_epochs(cfg, [60.0, 70.0]) == 2  # over budget: what is done
-    assert train_mod.planned_epochs(cfg, [0.5]) == 50
-    assert train_mod.planned_epochs(TrainConfig(epochs=7), [1e3]) == 7  # no limit
+    assert planned_epochs(cfg, []) == 50  # nothing measured yet: the cap
+    assert planned_epochs(cfg, [10.0, 30.0]) == 5  # mean 20 s: 5 epochs fit
+    assert planned_epochs(cfg, [60.0, 70.0]) == 2  # over budget: what is done
+    assert planned_epochs(cfg, [0.5]) == 50
+    assert planned_epochs(TrainConfig(epochs=7), [1e3]) == 7  # no limit
     # a budget smaller than one epoch: one epoch, evaluated although val_interval would skip it
     r = train(tiny(digits, tmp_path, epochs=5, name="budget", time_limit_s=1e-3, val_interval=3, tensorboard=False))
     assert r.epochs == 1 and len(r.history) == 1 and 0 <= r.map50_95 <= r.map50 <= 1
@@ -256,9 +260,10 @@ def _bad_label_set(root: Path) -> tuple[str, Path]:
     return str(root / "data.yaml"), bad
 
 
-def test_strict_stops_at_the_first_bad_label_line(tmp_path, capsys):
+def test_strict_stops_at_the_first_bad_label_line(tmp_path, capsys, caplog):
+    import logging
+
     from nas.commands.main import main
-    from nas.detect.data import LabelWarning
 
     data, bad = _bad_label_set(tmp_path / "bad")
     with pytest.raises(ConfigError, match=f"{bad}:2: expected 5 values"):
@@ -267,8 +272,9 @@ def test_strict_stops_at_the_first_bad_label_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"nas: error: {bad}:2: expected 5 values") and err.count("\n") == 1
     # without strict: skipped with one warning, training runs
-    with pytest.warns(LabelWarning, match="skipped 1 bad label line"):
+    with caplog.at_level(logging.WARNING, logger="nas"):
         assert train(tiny(data, tmp_path, epochs=1, imgsz=64, batch=2, name="lenient", tensorboard=False)).epochs == 1
+    assert any(r.levelno == logging.WARNING and "skipped 1 bad label line" in r.getMessage() for r in caplog.records)
 
 
 def test_train_command_passes_fast_path_strict_and_time_limit(monkeypatch):

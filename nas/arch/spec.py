@@ -12,15 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from nas.config import (
-    check_keys,
-    join,
-    load_yaml,
-    parse_yaml,
-    read,
-    require_mapping,
-    suggest,
-)
+from nas.config import check_keys, join, load_yaml, parse_yaml, read, require_mapping, suggest
 from nas.errors import ConfigError
 
 FORMAT = "nas/arch@1"

@@ -49,6 +49,7 @@ class _StderrHandler(logging.StreamHandler):
     def __init__(self) -> None:
         super().__init__()
         self.setFormatter(OneLine())
+        self.addFilter(_OnceEach())
 
     @property  # type: ignore[override]
     def stream(self):
@@ -57,6 +58,24 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+class _OnceEach(logging.Filter):
+    """A warning repeated word for word (a table checked by every worker, a data set loaded by every trial) is shown
+    once, as Python's warnings were."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
 
 
 def configure_output(level: int = logging.INFO) -> Callable[[], None]:
@@ -72,6 +91,21 @@ def configure_output(level: int = logging.INFO) -> Callable[[], None]:
         logger.setLevel(before)
 
     return restore
+
+
+def set_quiet(quiet: bool) -> None:
+    """--quiet: only the library's warnings and errors are shown (configure_output's undo restores the level)."""
+    if quiet:
+        logging.getLogger("nas").setLevel(logging.WARNING)
+
+
+def quiet_optuna() -> Callable[[], None]:
+    """Optuna's per-trial INFO lines off (the search shows its own progress); returns the undo."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return lambda: optuna.logging.set_verbosity(before)
 
 
 def add_run_args(p: argparse.ArgumentParser, out_help: str) -> None:

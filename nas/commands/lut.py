@@ -20,7 +20,7 @@ def _protocol(args: argparse.Namespace):
 
 def _head(args: argparse.Namespace):
     """The detector head config of --neck/--width/--depth/--classes (None without --detector)."""
-    from nas.arch.detector import HeadConfig
+    from nas.arch.headconfig import HeadConfig
 
     if not getattr(args, "detector", False):
         return None
@@ -242,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
 
     def detector(p: argparse.ArgumentParser, what: str) -> None:
-        from nas.arch.detector import NECKS, HeadConfig
+        from nas.arch.headconfig import NECKS, HeadConfig
 
         d = HeadConfig()
         g = p.add_argument_group("whole detector")

@@ -5,18 +5,7 @@ import argparse
 import os
 import sys
 
-from nas.commands import (
-    arch,
-    data,
-    export,
-    lut,
-    pareto,
-    quickstart,
-    search,
-    space,
-    train,
-    zoo,
-)
+from nas.commands import arch, data, export, lut, pareto, quickstart, search, space, train, zoo
 from nas.commands.common import configure_output
 from nas.errors import NasError
 

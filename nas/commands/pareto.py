@@ -17,15 +17,7 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     from nas.latency.profile import measure_network
     from nas.report.baselines import BASELINES_ATTR, Baseline
     from nas.report.figures import pareto_figure, save_figure
-    from nas.report.fronts import (
-        default_reference,
-        front,
-        hypervolume,
-        knee,
-        score_name,
-        trial_points,
-        write_front_csv,
-    )
+    from nas.report.fronts import default_reference, front, hypervolume, knee, score_name, trial_points, write_front_csv
     from nas.report.runs import open_run, study_scope, trial_head
 
     r = open_run(args.run, args.storage, args.study)

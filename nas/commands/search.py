@@ -7,6 +7,7 @@ import sys
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    from nas.commands.common import quiet_optuna
     from nas.report.tensorboard import tensorboard_callbacks
     from nas.search.experiment import apply_overrides, load_experiment
     from nas.search.storage import mask_url
@@ -23,7 +24,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     })
     print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
           f"{exp.trials} trials, {exp.workers} worker(s), storage {mask_url(exp.storage_url())}", file=sys.stderr)
-    study = run(exp, progress=not args.quiet, callbacks=tensorboard_callbacks(exp))
+    restore = quiet_optuna()
+    try:
+        study = run(exp, progress=not args.quiet, callbacks=tensorboard_callbacks(exp))
+    finally:
+        restore()
     states = summary(study)
     result = {"name": exp.name, "study": exp.study_name, "run_dir": str(exp.run_dir), "trials": states,
               "storage": mask_url(exp.storage_url())}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from nas.commands.common import arch_ref, json_clean
+from nas.commands.common import arch_ref, json_clean, set_quiet
 from nas.errors import ConfigError, NasError
 
 
@@ -19,6 +18,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
 
     Returns the summary dict on rank 0 (None on other torchrun ranks).
     """
+    from nas.arch.headconfig import NECKS, HeadConfig
     from nas.detect.checkpoint import load_detector
     from nas.detect.train import TrainConfig, train
     from nas.latency.onnx import check_onnx, export_onnx
@@ -34,9 +34,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.arch is None and not args.resume:
         raise ConfigError("nas train", "ARCH", "give an arch YAML or zoo:NAME (or --resume --name NAME, or --from RUN)")
     arch = arch_ref(args.arch) if args.arch is not None else None
-    if "neck" not in kwargs and arch is not None and arch.info.get("neck") in ("yolov8", "dw"):
-        kwargs["neck"] = arch.info["neck"]  # an export of a detector-scope search: the neck its latency includes
-    cfg = TrainConfig(arch=arch, resume=args.resume, progress=not args.quiet, **kwargs)
+    neck = kwargs.pop("neck", None)
+    if neck is None and arch is not None and arch.info.get("neck") in NECKS:
+        neck = arch.info["neck"]  # an export of a detector-scope search: the neck its latency includes
+    if neck is not None:
+        kwargs["head"] = HeadConfig(neck=neck)
+    # a command owns its process: keeping freed memory saves page faults in every training step
+    cfg = TrainConfig(arch=arch, resume=args.resume, progress=not args.quiet, retain_heap=True, **kwargs)
     result = train(cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return None
@@ -104,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "uses the budget up")
     t.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad label line (file:line) instead of skipping bad lines with one warning")
-    t.add_argument("--neck", choices=("yolov8", "dw"), help="yolov8: C2f PAN; dw: light depthwise PAN (default yolov8)")
+    t.add_argument("--neck", choices=("yolov8", "dw"), help="yolov8: C2f PAN; dw: light depthwise PAN (default dw)")
     t.add_argument("--optimizer", choices=("sgd", "adamw"), help="default sgd (momentum 0.937, nesterov)")
     t.add_argument("--lr0", type=float, help="initial learning rate (default 0.01 for SGD, 0.001 for AdamW)")
     t.add_argument("--schedule", choices=("linear", "cosine"), help="LR decay to lr0*0.01 (default linear)")
@@ -142,16 +146,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace, train_kwargs: dict[str, Any]) -> list:
     """The `nas train --from RUN` handler; `train_kwargs` are the TrainConfig fields given on the command line."""
-    from nas.arch.detector import HeadConfig
+    from nas.arch.headconfig import HeadConfig
     from nas.detect.train import TrainConfig
-    from nas.report.compare import (
-        compare,
-        markdown,
-        parse_baselines,
-        top_members,
-        write_outputs,
-        zoo_entrants,
-    )
+    from nas.report.compare import compare, markdown, parse_baselines, top_members, write_outputs, zoo_entrants
     from nas.report.runs import open_run
 
     if args.arch is not None or args.resume:
@@ -162,7 +159,7 @@ def cmd_compare(args: argparse.Namespace, train_kwargs: dict[str, Any]) -> list:
         raise ConfigError("command line", "--rerank", f"must be more than --top-k ({args.top_k}) to choose among "
                                                       f"them, got {args.rerank} (0: no reranking)")
     r = open_run(args.from_run)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))  # stdout: the table or JSON
+    set_quiet(args.quiet)  # the library's progress lines go to stderr (stdout: the table or JSON)
     entrants = top_members(r.study, max(args.top_k, args.rerank)) if args.top_k else []
     ranked = []
     if args.rerank and entrants:
@@ -170,9 +167,7 @@ def cmd_compare(args: argparse.Namespace, train_kwargs: dict[str, Any]) -> list:
         from nas.report.rerank import rerank
 
         schedule = ShortSchedule(neck=train_kwargs.get("neck") or r.exp.evaluator.neck, data=train_kwargs.get("data"))
-        log(f"reranking the {len(entrants)} best front members by a short training ({schedule.epochs} epochs at "
-            f"{schedule.imgsz} px) into {r.run_dir / 'compare' / 'rerank'}")
-        ranked = rerank(entrants, schedule, r.run_dir / "compare" / "rerank", log,
+        ranked = rerank(entrants, schedule, r.run_dir / "compare" / "rerank", retain_heap=True,
                         **{k: train_kwargs[k] for k in ("device", "threads", "workers") if k in train_kwargs})
         entrants = [x.entrant for x in ranked[:args.top_k]]
     entrants += zoo_entrants(parse_baselines(args.baselines))
@@ -190,13 +185,14 @@ def cmd_compare(args: argparse.Namespace, train_kwargs: dict[str, Any]) -> list:
     # one image size for all (the same schedule): by default the largest resolution of the searched members, so
     # none is trained below the resolution it was searched at
     searched = [e.arch.resolution for e in entrants if e.source == "search"]
-    kw = {"neck": head.neck, "imgsz": max(searched) if searched else TrainConfig.imgsz, **train_kwargs}
-    kw.pop("name", None)
-    kw.pop("project", None)
-    base = TrainConfig(arch=entrants[0].arch, progress=not args.quiet, **kw)
+    kw = {"imgsz": max(searched) if searched else TrainConfig.imgsz, **train_kwargs, "head": head}
+    for k in ("name", "project", "neck"):  # compare names the folders; the neck is in `head`
+        kw.pop(k, None)
+    # a command owns its process: keeping freed memory saves page faults in every training step
+    base = TrainConfig(arch=entrants[0].arch, progress=not args.quiet, retain_heap=True, **kw)
     out = r.run_dir / "compare"
     table = None if args.no_measure else r.table(None, "measuring the detectors")
-    rows = compare(entrants, base, out, head, table.protocol if table else None, table, log)
+    rows = compare(entrants, base, out, head, table.protocol if table else None, table)
     budget = exp.budget_ms if exp.scope == "detector" else None  # a backbone budget is not on this axis
     epochs = f"{base.epochs} epoch{'s' * (base.epochs != 1)}"
     title = (f"{r.study.study_name}: {epochs} at {base.imgsz} px, {head.neck} neck, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from nas.arch.detector import Detector
+from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import dumps_arch, loads_arch
 from nas.errors import NasError
 
@@ -21,9 +23,25 @@ META_KEYS = ("arch_yaml", "num_classes", "neck", "width", "depth", "reg_max")  #
 
 def model_meta(model: Detector, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """What it takes to rebuild the Detector: arch YAML text and the constructor arguments."""
-    return {"arch_yaml": dumps_arch(model.arch), "num_classes": model.nc, "neck": model.neck_name,
-            "width": model.width, "depth": model.depth, "reg_max": model.reg_max, "act": model.act,
-            "names": list(names)}
+    h = model.head_config
+    return {"arch_yaml": dumps_arch(model.arch), "num_classes": h.num_classes, "neck": h.neck, "width": h.width,
+            "depth": h.depth, "reg_max": h.reg_max, "act": h.act, "names": list(names)}
+
+
+# The "dw" neck's fusion blocks were nn.Sequential(depthwise ConvBN, pointwise ConvBN) before they became
+# DepthwiseSeparable: their children ".0"/".1" are now ".dw"/".pw". No other key has a digit there.
+_OLD_FUSION_KEY = re.compile(r"^(neck\.(?:td4|td3|bu4|bu5)\.\d+)\.([01])(?=\.|$)")
+
+
+def migrate_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A Detector state_dict with the keys of older checkpoints renamed to today's; current keys pass unchanged."""
+    def rename(key: str) -> str:
+        return _OLD_FUSION_KEY.sub(lambda m: f"{m[1]}.{('dw', 'pw')[int(m[2])]}", key)
+
+    out = type(state)((rename(k), v) for k, v in state.items())
+    if hasattr(state, "_metadata"):  # per-module versions load_state_dict reads, keyed by module path
+        out._metadata = type(state._metadata)((rename(k), v) for k, v in state._metadata.items())
+    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -93,13 +111,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing += [f"meta.{k}" for k in META_KEYS if isinstance(meta, dict) and k not in meta]
     if missing:
         raise NasError(f"{p}: damaged nas checkpoint: missing or not a mapping: {', '.join(missing)}")
+    for k in ("model", "ema"):
+        if isinstance(ckpt.get(k), dict):
+            ckpt[k] = migrate_state_dict(ckpt[k])
     return ckpt
 
 
 def detector_from_meta(meta: dict[str, Any], source: str = "<checkpoint>") -> Detector:
     arch = loads_arch(meta["arch_yaml"], source)
-    return Detector(arch, meta["num_classes"], neck=meta["neck"], width=meta["width"], depth=meta["depth"],
-                    reg_max=meta["reg_max"], act=meta.get("act", "silu"))
+    head = HeadConfig(neck=meta["neck"], width=meta["width"], depth=meta["depth"], num_classes=meta["num_classes"],
+                      reg_max=meta["reg_max"], act=meta.get("act", "silu"))  # checkpoints before "act" was saved
+    return Detector(arch, head)
 
 
 def load_detector(path: str | Path, ema: bool = True) -> Detector:

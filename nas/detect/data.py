@@ -4,8 +4,8 @@ Augmentations live in nas.detect.augment, the DigitsDet generator in nas.detect.
 """
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,10 +34,7 @@ DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "download")  # `down
 SPLITS = ("train", "val", "test")
 COORD_TOLERANCE = 1e-6  # "1.0000001" from float printing is not a user error
 SHOWN_PROBLEMS = 5
-
-
-class LabelWarning(UserWarning):
-    """Bad label lines were skipped (one warning per dataset, with the count and the first few lines)."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -268,8 +265,9 @@ def _report(problems: list[LabelProblem], where: str) -> None:
     files = len({p.file for p in problems})
     shown = "; ".join(str(p) for p in problems[:SHOWN_PROBLEMS])
     more = f"; ... {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-    warnings.warn(f"{where}: skipped {len(problems)} bad label line(s) in {files} file(s): {shown}{more} "
-                  "(strict=True or nas train --strict stops at the first)", LabelWarning, stacklevel=3)
+    # One record per split, not per line: thousands of bad lines stay one line on screen.
+    log.warning("%s: skipped %d bad label line(s) in %d file(s): %s%s (strict=True or nas train --strict stops at "
+                "the first)", where, len(problems), files, shown, more)
 
 
 class YoloDataset(torch.utils.data.Dataset):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from nas.errors import ConfigError
+from nas.system import usable_cpus
 
 VERSION = 1            # bump when the output for given parameters changes
 MANIFEST = "digitsdet.json"
@@ -69,9 +69,7 @@ def digit_sizes(imgsz: int, min_size: int | None = None, max_size: int | None = 
 
 def load_glyphs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """sklearn's 1797 digits (values 0..16) split once into disjoint train / val pools."""
-    from sklearn.datasets import (
-        load_digits,  # bundled with scikit-learn, no download; imported late as it is slow
-    )
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download; imported late as it is slow
 
     d = load_digits()
     order = np.random.default_rng(GLYPH_SPLIT_SEED).permutation(len(d.target))
@@ -236,8 +234,7 @@ def generate_digits(out_dir: str | Path, n_train: int = 1000, n_val: int = 200, 
     tasks = [(root, params, split, start, min(start + CHUNK, count), *pools[split])
              for split, count in (("train", n_train), ("val", n_val)) for start in range(0, count, CHUNK)]
     if workers is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cpus, 8)  # the CPUs this process may use (taskset), not the machine's
+        workers = min(usable_cpus(), 8)
     bar = tqdm(total=n_train + n_val, desc="DigitsDet", unit="img", disable=not progress)
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:

@@ -8,7 +8,8 @@ from typing import Iterator, Union
 
 from torch import nn
 
-from nas.arch.detector import STRIDES, HeadConfig, NeckHead, check_detector_args
+from nas.arch.detector import NeckHead, check_detector
+from nas.arch.headconfig import STRIDES, HeadConfig
 from nas.arch.spec import ArchSpec, BlockSpec, block_to_dict
 from nas.errors import ConfigError
 from nas.space import SearchSpace
@@ -54,10 +55,12 @@ class NeckHeadOp:
 
     @property
     def key(self) -> str:
-        """e.g. 'neckhead neck=dw width=0.25 depth=0.33 classes=10 in=32/96/160 res=256'."""
-        h = self.head
-        return (f"neckhead neck={h.neck} width={float(h.width)} depth={float(h.depth)} classes={h.num_classes} "
-                f"in={'/'.join(map(str, self.in_channels))} res={self.resolution}")
+        """e.g. 'neckhead neck=dw width=0.25 depth=0.33 classes=10 in=32/96/160 res=256'; reg_max and act only when
+        not the defaults, so the keys of existing tables stay valid."""
+        h, d = self.head, HeadConfig()
+        extra = "".join(f" {k}={getattr(h, k)}" for k in ("reg_max", "act") if getattr(h, k) != getattr(d, k))
+        return (f"neckhead neck={h.neck} width={float(h.width)} depth={float(h.depth)} classes={h.num_classes}"
+                f"{extra} in={'/'.join(map(str, self.in_channels))} res={self.resolution}")
 
     @property
     def shapes(self) -> tuple[Shape, ...]:
@@ -73,7 +76,7 @@ TableOp = Union[tuple[BlockSpec, Shape], NeckHeadOp]
 
 def neckhead_op(arch: ArchSpec, head: HeadConfig) -> NeckHeadOp:
     """The neck+head op of `arch` as a detector; ConfigError unless its features are at strides 8/16/32."""
-    check_detector_args(arch, head.num_classes, head.neck, head.width, head.depth, 16)
+    check_detector(arch, head)
     return NeckHeadOp(head, tuple(arch.feature_channels()), arch.resolution)
 
 

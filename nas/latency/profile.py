@@ -21,18 +21,12 @@ import torch
 from torch import nn
 
 from nas.arch.backbone import build_backbone
-from nas.arch.detector import Detector, HeadConfig
+from nas.arch.detector import Detector
+from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.errors import ConfigError, NasError
 from nas.latency.onnx import eval_mode, export_onnx, import_ort, ort_session
-from nas.latency.protocol import (
-    PROTOCOL_SOURCE,
-    Measurement,
-    Protocol,
-    Shape,
-    Shapes,
-    check_int,
-)
+from nas.latency.protocol import PROTOCOL_SOURCE, Measurement, Protocol, Shape, Shapes, check_int
 from nas.system import retain_heap as _retain_heap
 
 if TYPE_CHECKING:
@@ -297,7 +291,7 @@ def network(arch: ArchSpec, head: HeadConfig | None = None) -> nn.Module:
     """The backbone of `arch`, or with `head` the whole detector (eval forward: backbone, neck, head, box decoding)."""
     if head is None:
         return build_backbone(arch)
-    return Detector(arch, head.num_classes, neck=head.neck, width=head.width, depth=head.depth)
+    return Detector(arch, head)
 
 
 def measure_network(arch: ArchSpec, protocol: Protocol, head: HeadConfig | None = None) -> Measurement:

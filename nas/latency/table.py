@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,19 +21,11 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from nas.arch.blocks import build_block
-from nas.arch.detector import HeadConfig
+from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_mapping
 from nas.errors import ConfigError, NasError
-from nas.latency.coverage import (
-    NeckHeadOp,
-    TableOp,
-    arch_ops,
-    extend_command,
-    key_of,
-    neckhead_op,
-    op_key,
-)
+from nas.latency.coverage import NeckHeadOp, TableOp, arch_ops, extend_command, key_of, neckhead_op, op_key
 from nas.latency.environment import environment
 from nas.latency.profile import measure, reference_speed
 from nas.latency.protocol import Protocol
@@ -45,6 +37,7 @@ BINDING = ("backend", "threads", "batch", "dtype")
 Shape = tuple[int, int, int]
 TABLE_STATISTICS = {"p10": "p10_us", "median": "median_us"}  # protocol statistic -> the column a table predicts with
 SCALE_RANGE = (0.5, 2.0)  # a calibration outside this says the table and the machine disagree: rebuild, don't scale
+log = logging.getLogger(__name__)
 
 
 class LatencyTableError(NasError):
@@ -115,9 +108,8 @@ class LatencyTable:
         here = environment(protocol)
         for k in ("torch", "onnxruntime", "cpu", "cpu_id"):
             if k in self.header.get("device", {}) and k in here and self.header["device"][k] != here[k]:
-                warnings.warn(f"{self.path or self.name}: measured with {k} {self.header['device'][k]!r}, "
-                              f"running {here[k]!r}; predictions may be off (validate with `nas lut validate`)",
-                              stacklevel=2)
+                log.warning("%s: measured with %s %r, running %r; predictions may be off (validate with "
+                            "`nas lut validate`)", self.path or self.name, k, self.header["device"][k], here[k])
 
     # ------------------------------------------------------------ lookups
     def missing(self, ops: Iterable[TableOp]) -> list[TableOp]:

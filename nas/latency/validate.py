@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from nas.arch.cost import arch_cost
-from nas.arch.detector import HeadConfig, detector_cost
+from nas.arch.detector import detector_cost
+from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.latency.profile import measure_network
 from nas.latency.protocol import Protocol

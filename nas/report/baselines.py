@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 if TYPE_CHECKING:
 
-    from nas.arch.detector import HeadConfig
+    from nas.arch.headconfig import HeadConfig
     from nas.arch.spec import ArchSpec
     from nas.latency.table import LatencyTable
 

@@ -3,22 +3,29 @@ detectors side by side, and write the comparison (markdown, CSV, PNG, TensorBoar
 from __future__ import annotations
 
 import csv
+import functools
+import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nas.errors import ConfigError, NasError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from nas.arch.detector import HeadConfig
+    from nas.arch.headconfig import HeadConfig
     from nas.arch.spec import ArchSpec
-    from nas.detect.train import TrainConfig
+    from nas.detect.train import TrainConfig, TrainResult
     from nas.latency.protocol import Protocol
     from nas.latency.table import LatencyTable
 
+log = logging.getLogger(__name__)
+
+# The builtin map's contract: map_fn(fn, items) yields fn(item) in order; e.g. ProcessPoolExecutor(...).map.
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 # Short on purpose: every baseline is one more full training. The small V3 and V4 are the usual mobile choices.
 DEFAULT_BASELINES = ("mobilenet_v3_small_100", "mobilenet_v4_conv_small")
@@ -109,24 +116,46 @@ def predicted_ms(table: LatencyTable | None, arch: ArchSpec, head: HeadConfig, i
         return None
 
 
-def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: HeadConfig,
-            protocol: Protocol | None, table: LatencyTable | None = None, log=print) -> list[Row]:
-    """Train every entrant with `base` (same data, epochs, image size, neck, seed) into out/<label>, then measure
-    the trained detectors interleaved (drift hits all alike) under `protocol` (None: no measurement)."""
-    from nas.arch.detector import detector_cost
-    from nas.detect.checkpoint import load_detector
+@dataclass(frozen=True)
+class Training:
+    """One training of a comparison: a picklable task, so a process pool can run it."""
+    label: str            # for the log lines, e.g. trial-12 or "b1-trial-12 seed 0"
+    config: TrainConfig
+
+
+def run_training(task: Training) -> TrainResult:
+    """Train task.config; the task `compare` hands to its map. Each epoch's metrics are logged at debug level."""
     from nas.detect.train import train
 
-    results = {}
-    for i, e in enumerate(entrants, 1):
-        log(f"[{i}/{len(entrants)}] training {e.label} ({e.source}) for {base.epochs} epochs at {base.imgsz} px")
-        r = train(replace(base, arch=e.arch, project=str(out), name=e.label, exist_ok=True))
-        log(f"  {e.label}: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f} ({r.seconds / 60:.1f} min)")
-        results[e.label] = r
+    c = task.config
+    log.info("training %s for %d epochs at %d px", task.label, c.epochs, c.imgsz)
+    r = train(c, functools.partial(_log_epoch, task.label))
+    log.info("trained %s: mAP50-95 %.4f, mAP50 %.4f, %d epochs (%.1f min)", task.label, r.map50_95, r.map50,
+             r.epochs, r.seconds / 60)
+    return r
+
+
+def _log_epoch(label: str, epoch: int, row: dict[str, Any]) -> None:
+    log.debug("  %s: epoch %d, mAP50-95 %.4f, mAP50 %.4f, %.0f s", label, epoch, row["map50_95"], row["map50"],
+              row["time"])
+
+
+def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: HeadConfig,
+            protocol: Protocol | None, table: LatencyTable | None = None, map_fn: MapFn = map) -> list[Row]:
+    """Train every entrant with `base` (same data, epochs, image size, neck, seed) into out/<label>, one task per
+    training through `map_fn`; then, after all trainings, measure the trained detectors interleaved in this process
+    (drift hits all alike) under `protocol` (None: no measurement)."""
+    from nas.arch.detector import detector_cost
+    from nas.detect.checkpoint import load_detector
+
+    tasks = [Training(e.label, replace(base, arch=e.arch, project=str(out), name=e.label, exist_ok=True))
+             for e in entrants]
+    log.info("training %d models for %d epochs at %d px into %s", len(tasks), base.epochs, base.imgsz, out)
+    results = dict(zip((e.label for e in entrants), map_fn(run_training, tasks)))
     latency: dict[str, float] = {}
     if protocol is not None:
         models = {label: load_detector(r.best if r.best.is_file() else r.last) for label, r in results.items()}
-        measured = measure_detectors(models, base.imgsz, protocol, log=log)
+        measured = measure_detectors(models, base.imgsz, protocol)
         latency = {k: round(m.value_us(protocol.statistic) / 1e3, 3) for k, m in measured.items()}
     rows = []
     for e in entrants:
@@ -137,8 +166,8 @@ def compare(entrants: Sequence[Entrant], base: TrainConfig, out: Path, head: Hea
     return rows
 
 
-def measure_detectors(models: dict[str, Any], imgsz: int, protocol: Protocol, rounds: int | None = None,
-                      log=print) -> dict[str, Any]:
+def measure_detectors(models: dict[str, Any], imgsz: int, protocol: Protocol,
+                      rounds: int | None = None) -> dict[str, Any]:
     """Whole detectors measured side by side (`measure_interleaved`) at imgsz x imgsz: drift hits all alike.
     Returns label -> Measurement; `rounds` None = until the protocol's repeats and time are reached."""
     import dataclasses
@@ -148,7 +177,8 @@ def measure_detectors(models: dict[str, Any], imgsz: int, protocol: Protocol, ro
     # Whole detectors are few and slow: time more calls than a table entry (binding fields unchanged).
     p = dataclasses.replace(protocol, repeats=max(protocol.repeats, 30), min_time_s=max(protocol.min_time_s, 1.0))
     what = f"{rounds} rounds" if rounds else f">= {p.repeats} runs each"
-    log(f"measuring {len(models)} detectors interleaved at {imgsz} px ({p.backend}, {p.threads} thread(s), {what})")
+    log.info("measuring %d detectors interleaved at %d px (%s, %d thread(s), %s)", len(models), imgsz, p.backend,
+             p.threads, what)
     return measure_interleaved(models, (3, imgsz, imgsz), p, rounds=rounds)
 
 
@@ -185,9 +215,9 @@ def comparison_figure(rows: Sequence[Row], title: str, budget_ms: float | None =
 
     fig = Figure(figsize=(8.0, 4.8), dpi=110, layout="constrained")
     ax = fig.add_subplot()
-    for source, style in (("search", dict(marker="o", s=45, color="C3", label="searched (front members)")),
-                          ("zoo", dict(marker="*", s=160, color="C2", edgecolors="k", linewidths=0.6,
-                                       label="zoo baselines"))):
+    for source, style in (("search", {"marker": "o", "s": 45, "color": "C3", "label": "searched (front members)"}),
+                          ("zoo", {"marker": "*", "s": 160, "color": "C2", "edgecolors": "k", "linewidths": 0.6,
+                                   "label": "zoo baselines"})):
         pts = [r for r in rows if r.source == source and r.latency_ms is not None]
         if not pts:
             continue

@@ -23,9 +23,7 @@ def pareto_figure(points: Sequence[Point], members: Sequence[Point], *, budget_m
     """All trials (infeasible greyed; over-budget ones that were never scored as ticks along the bottom), the
     front as a step line, the budget as a vertical line, baselines as labelled stars, the knee ringed. `scope`
     ("detector" or "backbone") says on the latency axis what the predicted latency covers."""
-    from matplotlib.figure import (
-        Figure,  # no pyplot: no global figure registry in a long search process
-    )
+    from matplotlib.figure import Figure  # no pyplot: no global figure registry in a long search process
 
     fig = Figure(figsize=(9.0, 4.8), dpi=110, layout="constrained")
     ax = fig.add_subplot()

@@ -119,7 +119,7 @@ def study_scope(study) -> str | None:
 
 def trial_head(attrs: dict[str, Any]):
     """The detector head a detector-scope trial was budgeted with (None: a backbone-scope trial)."""
-    from nas.arch.detector import HeadConfig
+    from nas.arch.headconfig import HeadConfig
 
     d = attrs.get("detector")
     return HeadConfig(**d) if attrs.get("scope") == "detector" and isinstance(d, dict) else None

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import sys
-import warnings
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +19,7 @@ METRICS = ("hparam/score", "hparam/predicted_ms", "hparam/params", "hparam/macs"
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+log = logging.getLogger(__name__)
 
 
 def score_label(exp) -> str:
@@ -75,7 +75,9 @@ class TensorBoardLogger:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - logging must never cost a search its results
             self._broken = True
-            warnings.warn(f"TensorBoard logging to {self.dir} stopped: {type(e).__name__}: {e}", stacklevel=2)
+            first = (str(e).splitlines() or [""])[0][:200]  # one line, whatever the exception holds
+            log.warning("TensorBoard logging to %s stopped: %s: %s; the search goes on, and `nas pareto %s` draws "
+                        "the front when it ends", self.dir, type(e).__name__, first, self.exp.run_dir)
 
     # ------------------------------------------------------------ logging
     def update(self, study: optuna.Study, final: bool = False) -> None:
@@ -200,20 +202,14 @@ class TensorBoardLogger:
 
     def _note(self, text: str) -> None:
         self.notes.append(text)
-        print(f"tensorboard: {text}", file=sys.stderr)
+        log.info("tensorboard: %s", text)
 
 
 def _session_end(status: int):
     """The hparams plugin's end-of-session summary with `status` (torch's helper always writes SUCCESS)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.plugins.hparams.metadata import (
-        SESSION_END_INFO_TAG,
-        create_summary_metadata,
-    )
-    from tensorboard.plugins.hparams.plugin_data_pb2 import (
-        HParamsPluginData,
-        SessionEndInfo,
-    )
+    from tensorboard.plugins.hparams.metadata import SESSION_END_INFO_TAG, create_summary_metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 
     md = create_summary_metadata(HParamsPluginData(session_end_info=SessionEndInfo(status=status)))
     return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=md)])

@@ -13,7 +13,7 @@ from nas.errors import ConfigError
 from nas.search.storage import GRACE_S, HEARTBEAT_S
 
 if TYPE_CHECKING:
-    from nas.arch.detector import HeadConfig
+    from nas.arch.headconfig import HeadConfig
 
 FORMAT = "nas/experiment@1"
 MODES = ("constraint", "mnas", "pareto")
@@ -78,7 +78,7 @@ class Experiment:
         num_classes); None for backbone-scope budgets."""
         if self.scope != "detector":
             return None
-        from nas.arch.detector import HeadConfig
+        from nas.arch.headconfig import HeadConfig
 
         return HeadConfig(neck=self.evaluator.neck, num_classes=self.num_classes)
 
@@ -168,10 +168,11 @@ _RANGES: dict[str, tuple[int, int]] = {
     "heartbeat_s": (1, 86_400), "grace_s": (2, 7 * 86_400),
 }
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
-NECKS = ("yolov8", "dw")
 
 
 def _check_ranges(exp: Experiment) -> None:
+    from nas.arch.headconfig import NECKS
+
     s = exp.source
     for name, (lo, hi) in _RANGES.items():
         v = getattr(exp.evaluator, name.split(".")[1]) if name.startswith("evaluator.") else getattr(exp, name)

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import math
 import traceback
-from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 
 from nas.arch.cost import arch_cost
 from nas.arch.spec import ArchSpec, dumps_arch
+from nas.detect.short import ShortSchedule, short_train
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import extend_command, space_neckhead_ops
 from nas.latency.table import LatencyTable, LatencyTableError
 from nas.space import load_space, trial_chooser
+from nas.system import usable_cpus
+
+if TYPE_CHECKING:
+    from nas.search.experiment import Experiment
 
 
 class SurplusTrial(NasError):
@@ -27,8 +31,31 @@ class EvaluationFailed(NasError):
     """A candidate's evaluation raised or produced a non-finite score; the trial is failed with the reason."""
 
 
+def short_schedule(exp: Experiment) -> ShortSchedule:
+    """The experiment's `kind: train` evaluator as the short training: one seed, the experiment's (every candidate
+    sees the same data order and augmentations), SGD, evaluated each epoch for the pruner, the CPUs shared among
+    the local workers."""
+    ev = exp.evaluator
+    return ShortSchedule(epochs=ev.epochs, imgsz=ev.imgsz, batch=ev.train_batch, optimizer="sgd", neck=ev.neck,
+                         seeds=(exp.seed,), data=ev.data, train_images=ev.train_images, val_images=ev.val_images,
+                         data_seed=exp.seed, val_interval=1, threads=max(1, usable_cpus() // exp.workers))
+
+
+def pruning_callback(trial: optuna.Trial, epochs: int) -> Callable[[int, dict[str, Any]], None]:
+    """A training's on_epoch that reports each epoch's mAP50-95 to `trial` and raises optuna.TrialPruned when the
+    study's pruner says so."""
+    def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        value = metrics.get("map50_95", math.nan)
+        if not math.isfinite(value):
+            return
+        trial.report(value, epoch)  # steps count from 1, so Hyperband's max_resource = epochs is the last one
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} of {epochs} (mAP50-95 {value:.4f})")
+    return on_epoch
+
+
 class Objective:
-    def __init__(self, exp):
+    def __init__(self, exp: Experiment):
         self.exp = exp
         self.space = load_space(exp.space)
         self.table = LatencyTable.load(exp.table)
@@ -74,9 +101,20 @@ class Objective:
             value = score(arch, ev.proxy, resolution=ev.resolution, batch=ev.batch, seed=self.exp.seed,
                           device=self.exp.device)
             return value, {f"proxy_{ev.proxy}": value}
-        from nas.search.shorttrain import short_train
+        return self.train_score(arch, trial)
 
-        return short_train(arch, self.exp, trial)
+    def train_score(self, arch: ArchSpec, trial: optuna.Trial) -> tuple[float, dict[str, Any]]:
+        """Train `arch` into RUN/trials/N (data: RUN/digits unless given) and score it by the best epoch's mAP50-95.
+
+        Single-objective studies report each epoch to the pruner (Optuna cannot prune several objectives). A NaN/inf
+        loss raises TrainingDiverged, which the trial records as its fail reason.
+        """
+        exp = self.exp
+        schedule = short_schedule(exp)
+        prune = pruning_callback(trial, schedule.epochs) if len(trial.study.directions) == 1 else None
+        r = short_train(arch, schedule, schedule.dataset(exp.run_dir, "digits"), exp.run_dir / "trials" /
+                        str(trial.number), exp.seed, on_epoch=prune, device=exp.device)
+        return r["map50_95"], {k: r[k] for k in ("map50", "map50_95", "train_s", "best_epoch", "weights")}
 
     def reward(self, score: float, latency_ms: float) -> float:
         """MnasNet's soft-constraint reward ACC·(LAT/T)^w (w = alpha under the budget, beta over it).
@@ -116,7 +154,7 @@ class Objective:
                  "params": cost.params, "macs": cost.macs, "table": self.table.name, "scope": exp.scope,
                  "budget_ms": exp.budget_ms, "resolution": arch.resolution}
         if self.head is not None:  # what `nas export` needs to predict and measure the same detector
-            attrs["detector"] = asdict(self.head)
+            attrs["detector"] = self.head.to_dict()
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         constrained = exp.mode in ("constraint", "pareto") and exp.budget_ms is not None

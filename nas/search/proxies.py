@@ -268,11 +268,12 @@ def _digits_batches(resolution: int, batch: int, steps: int, seed: int) -> tuple
 def _digits_detector(arch: ArchSpec, seed: int, device: str):
     """The whole detector (dw neck, DigitsDet's classes) seeded from `seed`, in train mode, with its loss."""
     from nas.arch.detector import Detector
+    from nas.arch.headconfig import HeadConfig
     from nas.detect.loss import DetectionLoss
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Detector(arch, TSE_CLASSES, neck="dw").to(device).train()
+        model = Detector(arch, HeadConfig(neck="dw", num_classes=TSE_CLASSES)).to(device).train()
     return model, DetectionLoss(TSE_CLASSES, model.strides, model.reg_max)
 
 

@@ -2,10 +2,12 @@
 passwords, and the failure of trials whose worker died."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -46,18 +48,26 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
         return optuna.storages.JournalStorage(JournalRedisBackend(url))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API: stable enough
     try:
-        storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        with quiet_experimental():
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
         if url.startswith("sqlite"):
             _fast_sqlite(storage)
         return storage
     except Exception as e:  # bad URL, server down, missing driver: one line, password masked
         raise NasError(f"storage {mask_url(url)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}".replace(
             url, mask_url(url))) from None
+
+
+@contextlib.contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Optuna's ExperimentalWarning off for the heartbeat API calls inside (stable enough), and only for those."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:

@@ -3,9 +3,11 @@ Redis journal), heartbeats with retry of dead workers' trials, resume, and sever
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing as mp
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import optuna
@@ -13,7 +15,7 @@ from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.samplers import make_pruner, make_sampler
-from nas.search.storage import fail_dead_local_trials, make_storage
+from nas.search.storage import fail_dead_local_trials, make_storage, quiet_experimental
 
 if TYPE_CHECKING:
     from nas.search.experiment import Experiment
@@ -45,11 +47,18 @@ def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | Non
     `callbacks` are Optuna trial callbacks (the TensorBoard logger on worker 0)."""
     import torch
 
+    threads = torch.get_num_threads()
+    try:
+        if exp.workers > 1:  # the workers share the cores; restored on return: the caller's process is not ours
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // exp.workers))
+        _run_trials(exp, index, progress, callbacks or [])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
     from nas.search.objective import Objective
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if exp.workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // exp.workers))
     storage = make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s)
     study = open_study(exp, storage, seed=exp.seed + index)
     if isinstance(storage, optuna.storages.JournalStorage):
@@ -58,7 +67,7 @@ def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | Non
     start = time.monotonic()
     bar = _bar(exp, study, progress and index == 0)
     watch = _TrialWatch(bar if progress and index == 0 else None)
-    callbacks = [*(callbacks or []), watch]
+    callbacks = [*callbacks, watch]
     try:
         while True:
             done, running = counted(study)
@@ -75,7 +84,8 @@ def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | Non
                 else:
                     # optimize() fails stale trials only when it starts one: without this, a dead worker's trial
                     # holding one of the last slots would keep this worker waiting forever.
-                    optuna.storages.fail_stale_trials(study)
+                    with quiet_experimental():
+                        optuna.storages.fail_stale_trials(study)
                 continue
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
             if watch.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
@@ -133,20 +143,27 @@ def run(exp: Experiment, progress: bool = True, callbacks: Sequence[Callable] = 
     from nas.search.experiment import dump_experiment
 
     (exp.run_dir / "config.yaml").write_text(dump_experiment(exp))
-    logging.getLogger("optuna").setLevel(logging.WARNING)
     callbacks = list(callbacks)
     if exp.workers == 1:
         run_worker(exp, 0, progress, callbacks)
     else:
         ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-        procs = [ctx.Process(target=run_worker, args=(exp, i, False), daemon=False) for i in range(1, exp.workers)]
-        for p in procs:
-            p.start()
+        logs = _ParentLogging(ctx.Queue(), logging.getLogger("nas").getEffectiveLevel(),
+                              optuna.logging.get_verbosity())
+        # The workers' records come back here and go through this process's own handlers, whatever they are.
+        relay = logging.handlers.QueueListener(logs.queue, _Relay())
+        relay.start()
+        procs = [ctx.Process(target=_spawned_worker, args=(exp, i, logs), daemon=False)
+                 for i in range(1, exp.workers)]
         try:
+            for p in procs:
+                p.start()
             run_worker(exp, 0, progress, callbacks)
         finally:
             for p in procs:
-                p.join()
+                if p.pid is not None:
+                    p.join()
+            relay.stop()  # after the joins: every record the workers logged is handled
         bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
         if bad:
             raise NasError(f"{len(bad)} worker process(es) exited with codes {bad}; rerun the same command to resume")
@@ -156,6 +173,32 @@ def run(exp: Experiment, progress: bool = True, callbacks: Sequence[Callable] = 
         if hasattr(cb, "finish"):
             cb.finish(study)
     return study
+
+
+@dataclass(frozen=True)
+class _ParentLogging:
+    """What a spawned worker (fresh logging) needs to log as its parent does: the parent's 'nas' level, Optuna's
+    verbosity, and the queue that takes its records back to the parent's handlers."""
+    queue: Any
+    level: int
+    optuna_verbosity: int
+
+
+class _Relay(logging.Handler):
+    """Parent side: a worker's record is handled by the parent's logger of the same name, as if logged here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def _spawned_worker(exp, index: int, logs: _ParentLogging) -> None:
+    """Entry point of worker processes 1..n-1: take the parent's logging choices, then run trials."""
+    logger = logging.getLogger("nas")
+    logger.setLevel(logs.level)
+    logger.addHandler(logging.handlers.QueueHandler(logs.queue))
+    logger.propagate = False  # the parent's root handlers see the relayed record, not a second copy here
+    optuna.logging.set_verbosity(logs.optuna_verbosity)
+    run_worker(exp, index, progress=False)
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
