@@ -2,6 +2,7 @@
 command line. Relative paths are resolved against the experiment file's folder."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -115,7 +116,8 @@ def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None
         v = read(d, key, (str, type(None)), source, None, **({} if default is ... else {"default": default}))
         if v is None or base is None or "://" in v:
             return v
-        return str((base / v)) if not Path(v).is_absolute() else v
+        # lexically normalised ("experiments/../x" -> "x"), so messages show the path a user would type
+        return os.path.normpath(base / v) if not Path(v).is_absolute() else v
 
     ev_raw = require_mapping(read(d, "evaluator", dict, source, None, default={}), source, "evaluator")
     check_keys(ev_raw, _EVAL, source, "evaluator")
