@@ -1,6 +1,9 @@
-"""`nas search` as real processes on real storages: a worker SIGKILLed mid-trial (the heartbeat fails its trial,
-Optuna retries it, re-running finishes the study and keeps every finished trial) and four workers on one study."""
+"""`nas search` as real processes on real storages: a worker SIGKILLed at every point of a trial's life (its trial is
+failed and retried, re-running finishes the study within seconds and keeps every finished trial), a worker waiting
+for a trial it cannot check (it says so and gives up), and four workers on one study."""
 import math
+import multiprocessing as mp
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -9,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import optuna
 import pytest
@@ -17,9 +21,9 @@ from conftest import median_budget
 from optuna.trial import TrialState
 
 from nas.arch.spec import dumps_arch, loads_arch
-from nas.errors import ConfigError
+from nas.errors import ConfigError, NasError
 from nas.search.experiment import apply_overrides, experiment_from_dict
-from nas.search.storage import make_storage
+from nas.search.storage import MAX_RETRY, PAUSE_ENV, WORKER_ATTR, heartbeats, make_storage
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # A real evaluator made slow by its setting alone: grad_norm at 512 px takes ~1 s per tiny candidate here,
@@ -140,6 +144,173 @@ def test_killed_worker_trial_is_retried_and_rerun_completes(kind, n, after, tiny
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # nothing finished before the kill was lost or rewritten
     assert {k: (by_number[k].params, by_number[k].values, by_number[k].user_attrs) for k in kept} == kept
+
+
+GRACE_S = 3  # with 1 s heartbeats, as above: a dead trial is reaped in seconds, a live one on this busy core is not
+# A trial's life in order, as nas.search.storage names the points where NAS_TEST_PAUSE_AT stops a worker. Journal
+# storages have no heartbeat. The slow evaluator changes nothing before the evaluator starts.
+POINTS = {("sqlite", "fast"): ("created", "beat", "beaten", "evaluator", "result"),
+          ("postgresql", "fast"): ("created", "beat", "beaten", "evaluator", "result"),
+          ("journal", "fast"): ("created", "evaluator", "result"),
+          ("sqlite", "slow"): ("created", "evaluator", "result"),
+          ("postgresql", "slow"): ("created", "evaluator", "result"),
+          ("journal", "slow"): ("created", "evaluator", "result")}
+
+
+def _nas_search(argv: list[str], cwd: str, log: str, env: dict[str, str]) -> None:
+    """A forked worker: `nas search ARGV` run from `cwd` with `env` added and its output in `log`."""
+    os.chdir(cwd)
+    os.environ.update(env)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    from nas.commands.main import main
+
+    sys.exit(main(["search", *argv]))
+
+
+@pytest.fixture(scope="module")
+def fork_search():
+    """start(exp, log, pause=None) -> a `nas search EXP --quiet` process, forked from a server that has imported
+    nas, torch and Optuna and run nothing: a real process that starts in milliseconds instead of 3-5 s, so one test
+    can kill a dozen. One intra-op thread, as for the subprocesses above."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads a process's state from /proc")
+    ctx = mp.get_context("forkserver")
+    # what `nas search` imports, lazily ones included (the first trial's meta-device cost pulls in torch._dynamo)
+    ctx.set_forkserver_preload([__name__, "nas.commands.main", "nas.commands.search", "nas.search.study",
+                                "nas.search.objective", "nas.search.proxies", "nas.report.tensorboard",
+                                "torch._dynamo", "alembic.command", "alembic.config", "alembic.migration",
+                                "alembic.script"])
+    tests = str(Path(__file__).parent)
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1",
+                                      "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}):
+        multiprocessing.forkserver.ensure_running()
+
+    def start(exp: Path, log: Path, pause: str | None = None) -> mp.Process:
+        proc = ctx.Process(target=_nas_search, args=([str(exp), "--quiet"], str(exp.parent), str(log),
+                                                     {PAUSE_ENV: pause} if pause else {}))
+        proc.start()
+        return proc
+
+    return start
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_at(start, exp: Path, point: str, log: Path) -> None:
+    """Run the command with NAS_TEST_PAUSE_AT=point until the worker has stopped itself there, then SIGKILL it."""
+    proc = start(exp, log, point)
+    deadline = time.monotonic() + WAIT_S
+    while not _stopped(proc.pid):
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            proc.join()
+            pytest.fail(f"the worker never stopped at {point!r} (exit code {proc.exitcode}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+
+
+def _check_point(point: str, t: optuna.trial.FrozenTrial, beats: dict | None) -> None:
+    """The killed trial is in the state its point names (so the hook stopped the worker where it says)."""
+    beat = None if beats is None else t._trial_id in beats
+    assert t.state == TrialState.RUNNING and t.values is None, (point, t)
+    if point == "created":
+        assert not t.params and WORKER_ATTR not in t.system_attrs and not beat, (point, t)
+    elif point == "beat":
+        assert beat is False, (point, t)
+    elif point == "beaten":
+        assert beat is True, (point, t)
+    elif point == "evaluator":
+        assert "arch" in t.user_attrs and "score" not in t.user_attrs, (point, t)
+    else:
+        assert "score" in t.user_attrs, (point, t)
+
+
+@pytest.mark.parametrize("kind,speed", list(POINTS))
+def test_a_worker_killed_at_any_point_of_a_trial_loses_nothing(kind, speed, fork_search, tiny_dir, tiny_table,
+                                                                tmp_path, request):
+    """One worker after another is SIGKILLed at the next point of a trial's life (each also resumes the study the
+    last one left); then the same command, run once more, ends with exactly `trials` complete within grace_s and a
+    few seconds: every killed trial failed and retried once with its parameters, none left running or queued."""
+    if kind == "postgresql":
+        url, study = request.getfixturevalue("pg_study")
+    else:
+        url = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"journal:///{tmp_path / 'study.journal'}"
+        study = "rel"
+    points = POINTS[kind, speed]
+    n = len(points) + 2  # room for every retry: the last run must reap them all before it can finish
+    exp = _experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=n, storage=url, study=study,
+                      evaluator=FAST if speed == "fast" else SLOW, heartbeat_s=1, grace_s=GRACE_S)
+    log = tmp_path / "search.log"
+    reader = make_storage(url)  # made before the workers, so they never race to create the tables
+    killed = []
+    for point in points:
+        running = {t.number for t in _trials(reader, study) if t.state == TrialState.RUNNING} if killed else set()
+        _kill_at(fork_search, exp, point, log)
+        trials = _trials(reader, study)
+        new = [t for t in trials if t.state == TrialState.RUNNING and t.number not in running]
+        assert len(new) == 1, (point, [(t.number, t.state.name) for t in trials])
+        _check_point(point, new[0], heartbeats(reader, reader.get_study_id_from_name(study)))
+        killed.append(new[0].number)
+
+    start = time.monotonic()
+    proc = fork_search(exp, log)
+    proc.join(WAIT_S)
+    took = time.monotonic() - start
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail(f"the re-run was still waiting after {took:.0f} s:\n{log.read_text()[-3000:]}")
+    assert proc.exitcode == 0, f"exit code {proc.exitcode} after {took:.0f} s:\n{log.read_text()[-3000:]}"
+    slow_s = 2.0 * n if speed == "slow" else 0.0  # the slow evaluator's trials themselves, ~1 s each here
+    assert took < GRACE_S + 6 + slow_s, f"{took:.1f} s:\n{log.read_text()[-3000:]}"
+
+    trials = _trials(reader, study)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # unique, no gaps
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == n
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert {t.number for t in failed} >= set(killed) and not [t for t in failed if t.user_attrs.get("surplus")]
+    for dead in failed:  # retried once (Optuna's bookkeeping), as the same candidate, under its own worker's name
+        retries = [t for t in trials if t.system_attrs.get("retry_history", [None])[-1] == dead.number]
+        history = dead.system_attrs.get("retry_history", [])
+        assert len(retries) == (len(history) < MAX_RETRY), (dead.number, [(t.number, t.system_attrs) for t in trials])
+        for retry in retries:
+            assert retry.system_attrs["retry_history"] == [*history, dead.number]
+            assert dead.params.items() <= retry.params.items()
+            assert retry.system_attrs.get(WORKER_ATTR) != dead.system_attrs.get(WORKER_ATTR)
+
+
+def test_a_worker_waiting_for_a_trial_it_cannot_check_says_so_and_gives_up(tiny_dir, tiny_table, tmp_path,
+                                                                          monkeypatch, caplog):
+    """A journal trial running on another host (no heartbeat to read, no process to ask): the worker waiting for it
+    says what it waits for in one line, then gives up with a NasError after the time it stated."""
+    from nas.search import study as study_module
+
+    monkeypatch.setattr(study_module, "WAIT_GRACES", 1)  # the mechanism, in grace_s instead of 5 x grace_s
+    url = f"journal:///{tmp_path / 'study.journal'}"
+    exp = experiment_from_dict(yaml.safe_load(_experiment(tmp_path / "exp.yaml", tiny_dir, tiny_table, trials=1,
+                                                          storage=url, heartbeat_s=1, grace_s=2).read_text()),
+                               str(tmp_path / "exp.yaml"))
+    storage = make_storage(url)
+    study = optuna.create_study(study_name="rel", storage=storage, direction="maximize")
+    trial = study.ask()
+    storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, "another-host:4242")
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="nas"), pytest.raises(NasError) as e:
+        study_module.run(exp, progress=False)
+    assert 2 <= time.monotonic() - start < 10
+    assert "waited 2 s for trial(s) 0 (another-host:4242)" in str(e.value) and "\n" not in str(e.value)
+    waiting = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert len(waiting) == 1 and "trial(s) 0 (another-host:4242)" in waiting[0] and "giving up after 2 s" in waiting[0]
+    assert waiting[0] == waiting[0].splitlines()[0]
 
 
 def _check_shared_study(storage, study: str, table, trials: int) -> None:

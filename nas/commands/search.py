@@ -85,8 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat", type=int, metavar="S",
                    help="SQL storages: seconds between a running trial's heartbeats (default 10)")
     p.add_argument("--grace", type=int, metavar="S",
-                   help="SQL storages: a trial silent this many seconds is failed and retried (default 30; "
-                        "must exceed --heartbeat)")
+                   help="a trial with no heartbeat for this many seconds (SQL storages; journal storages: no worker "
+                        "recorded) is failed and retried (default 30; must exceed --heartbeat); a worker waiting for "
+                        "others' trials gives up after 5 times this without progress")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_search)

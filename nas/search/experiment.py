@@ -62,7 +62,7 @@ class Experiment:
     device: str = "cpu"
     tensorboard_every: int = 25    # Pareto figure in RUN/tb every K finished trials (and at the end); 0 = no TensorBoard
     heartbeat_s: int = HEARTBEAT_S  # SQL storages: a running trial's heartbeat period, in seconds
-    grace_s: int = GRACE_S         # SQL storages: a trial silent this long (its worker died) is failed and retried
+    grace_s: int = GRACE_S         # a trial silent this long (its worker died) is failed and retried; see --grace
     source: str = field(default="<experiment>", compare=False)
 
     @property

@@ -15,6 +15,7 @@ from nas.detect.short import ShortSchedule, short_train
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import extend_command, space_neckhead_ops
 from nas.latency.table import LatencyTable, LatencyTableError
+from nas.search.storage import WORKER_ATTR, pause_here, worker_id
 from nas.space import load_space, trial_chooser
 from nas.system import usable_cpus
 
@@ -94,6 +95,7 @@ class Objective:
         return pred.total_ms, [[name, round(us, 1)] for name, _, us in pred.blocks]
 
     def evaluate(self, arch: ArchSpec, trial: optuna.Trial) -> tuple[float, dict[str, Any]]:
+        pause_here("evaluator")  # the reliability tests' kill point (inert unless NAS_TEST_PAUSE_AT=evaluator)
         ev = self.exp.evaluator
         if ev.kind == "proxy":
             from nas.search.proxies import score
@@ -142,8 +144,6 @@ class Objective:
 
     # ------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial):
-        from nas.search.storage import WORKER_ATTR, worker_id
-
         exp = self.exp
         trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
         self._refuse_surplus(trial)

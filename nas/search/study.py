@@ -7,19 +7,22 @@ import logging.handlers
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.samplers import make_pruner, make_sampler
-from nas.search.storage import fail_dead_local_trials, make_storage, quiet_experimental
+from nas.search.storage import WORKER_ATTR, fail_dead_trials, heartbeats, make_storage, owner_alive, quiet_experimental
 
 if TYPE_CHECKING:
     from nas.search.experiment import Experiment
+logger = logging.getLogger(__name__)
 MAX_FAILED_IN_A_ROW = 10  # consecutive failed trials after which a worker stops with the reason
+WAIT_GRACES = 5  # a worker waiting for others' trials gives up after this many grace_s in which nothing changed
 
 
 def open_study(exp, storage: optuna.storages.BaseStorage, seed: int | None = None) -> optuna.Study:
@@ -61,15 +64,15 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
 
     storage = make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s)
     study = open_study(exp, storage, seed=exp.seed + index)
-    if isinstance(storage, optuna.storages.JournalStorage):
-        fail_dead_local_trials(study)
     objective = Objective(exp)
     start = time.monotonic()
     bar = _bar(exp, study, progress and index == 0)
     watch = _TrialWatch(bar if progress and index == 0 else None)
     callbacks = [*callbacks, watch]
+    wait = _Wait(exp, storage)
     try:
         while True:
+            _reap(study, storage, exp.grace_s)
             done, running = counted(study)
             bar.n = done
             bar.refresh()
@@ -78,14 +81,7 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
             if exp.timeout_s is not None and time.monotonic() - start > exp.timeout_s:
                 break
             if done + running >= exp.trials:
-                time.sleep(0.5)  # the last trials are running elsewhere; if their worker dies they come back
-                if isinstance(storage, optuna.storages.JournalStorage):
-                    fail_dead_local_trials(study)
-                else:
-                    # optimize() fails stale trials only when it starts one: without this, a dead worker's trial
-                    # holding one of the last slots would keep this worker waiting forever.
-                    with quiet_experimental():
-                        optuna.storages.fail_stale_trials(study)
+                wait(study)  # the last trials run elsewhere; if their worker dies, _reap brings them back
                 continue
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
             if watch.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
@@ -95,6 +91,50 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
                                f"fix the cause and run the same command again to resume")
     finally:
         bar.close()
+
+
+def _reap(study: optuna.Study, storage: optuna.storages.BaseStorage, grace_s: float) -> None:
+    """Fail and retry dead workers' trials: Optuna's check (a heartbeat older than grace_s; optimize() runs it only
+    when it starts a trial, so a worker waiting for the last trials would never see them come back) and ours
+    (trials with no heartbeat at all, journal storages)."""
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)  # returns at once on storages without heartbeats
+    fail_dead_trials(study, storage, grace_s)
+
+
+class _Wait:
+    """A worker with nothing left to start waits for the trials running elsewhere: it says in one line what it waits
+    for, and gives up with a NasError after WAIT_GRACES grace periods in which no trial finished or appeared and
+    none showed a sign of life (a new heartbeat; journal storages: a live worker process on this host)."""
+
+    def __init__(self, exp, storage: optuna.storages.BaseStorage):
+        self.exp, self.storage, self.limit_s = exp, storage, WAIT_GRACES * exp.grace_s
+        self.seen: tuple = ()
+        self.since = time.monotonic()
+        self.told: tuple = ()
+
+    def __call__(self, study: optuna.Study) -> None:
+        time.sleep(0.5)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        beats = heartbeats(self.storage, study._study_id)
+        local = [t.number for t in running if owner_alive(t.system_attrs.get(WORKER_ATTR, ""))]
+        seen = (counted(study)[0], tuple(t.number for t in running), tuple(sorted((beats or {}).values())))
+        if seen != self.seen or (beats is None and local):
+            self.seen, self.since = seen, time.monotonic()
+        awaited = ", ".join(f"{t.number} ({t.system_attrs.get(WORKER_ATTR, 'no worker recorded')})" for t in running)
+        if seen[1] != self.told:
+            self.told = seen[1]
+            silent = [t for t in running if t._trial_id not in (beats or {}) and t.number not in local]
+            dead_when = (f"once it has no heartbeat for {self.exp.grace_s} s" if beats is not None else
+                         "once its process on this host is gone")
+            (logger.warning if silent else logger.info)(
+                "%d of %d trials done; waiting for trial(s) %s, running elsewhere (a dead worker's trial is retried "
+                "%s); giving up after %d s without progress", seen[0], self.exp.trials, awaited, dead_when,
+                self.limit_s)
+        if time.monotonic() - self.since > self.limit_s:
+            raise NasError(f"waited {self.limit_s} s for trial(s) {awaited} without a sign of progress (no trial "
+                           f"finished, no heartbeat, no live worker process on this host); if their workers still run "
+                           f"elsewhere, run the same command again once they are done")
 
 
 class _TrialWatch:
