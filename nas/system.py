@@ -42,8 +42,9 @@ def usable_cpus() -> int:
 
 
 @contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on lock_path; the OS releases it if the process dies, so a crash leaves no stale lock."""
+def exclusive_lock(lock_path: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on lock_path; the OS releases it if the process dies, so a crash leaves no stale lock.
+    With wait=False, BlockingIOError at once when another process (or another open of the file) holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
         try:
@@ -51,7 +52,7 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
         except ImportError:  # Windows: no flock; local workers there would race on the first generation
             yield
             return
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:

@@ -392,3 +392,46 @@ def test_training_writes_only_into_its_run_folder(digits, tmp_path):
                      if run_dir not in p.parents and home / ".mpl" not in p.parents)
     assert not outside, outside
     assert (run_dir / "weights" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------- issue 20: two trainings on one run folder
+
+def test_a_second_training_on_a_held_run_folder_is_refused(digits, tmp_path, capsys):
+    """A `nas train --resume` subprocess holds its run folder for its whole life: another --resume of the same run
+    and a fresh `--name X --exist-ok` into it are refused at once with one line naming the folder; the holder ends
+    as if alone (every epoch's row once, last.pt at the last epoch)."""
+    epochs = 6  # ~1 s each here: the holder runs for seconds after it took the folder
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    with pytest.raises(Stop):  # a run stopped after epoch 1: what the resumes below continue
+        train(TrainConfig(arch=get_arch(ARCH), data=digits, epochs=epochs, imgsz=96, batch=8, workers=0,
+                          head=HeadConfig(neck="dw"), project=str(tmp_path), name="run", progress=False,
+                          tensorboard=False, threads=1), on_epoch=stop)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(_nas(*_resume(run_dir), "--threads", "1"), env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120  # its first resumed epoch written: it holds the folder
+        while len(_csv(run_dir / "results.csv")) < 2 and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder.poll() is None, "the holder ended before the others tried: make its epochs longer"
+        capsys.readouterr()
+        assert main(_resume(run_dir)) == 2
+        err = _one_line_error(capsys)
+        assert err.startswith(f"{run_dir}: another training is writing this run folder"), err
+        assert err.endswith("or train under another --name"), err
+        assert main(["train", f"zoo:{ARCH}", "--data", digits, "--epochs", "1", "--imgsz", "96", "--batch", "8",
+                     "--neck", "dw", "--workers", "0", "--no-onnx", "--quiet", "--project", str(tmp_path),
+                     "--name", "run", "--exist-ok"]) == 2
+        assert _one_line_error(capsys).startswith(f"{run_dir}: another training is writing this run folder")
+        assert holder.poll() is None, "the holder ended while the others tried: make its epochs longer"
+    finally:
+        _, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, err.decode()[-2000:]
+    assert [r["epoch"] for r in _csv(run_dir / "results.csv")] == [str(e) for e in range(1, epochs + 1)]
+    assert load_checkpoint(run_dir / "weights" / "last.pt")["epoch"] == epochs
+    assert main(_resume(run_dir)) == 2  # the lock went with its holder: refused only because the run is done
+    assert "already finished" in _one_line_error(capsys)

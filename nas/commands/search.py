@@ -20,6 +20,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         "seed": args.seed, "workers": args.workers, "output": args.output, "device": args.device, "scope": args.scope,
         "num_classes": args.classes, "evaluator.neck": args.neck,
         "tensorboard_every": args.tb_every, "heartbeat_s": args.heartbeat, "grace_s": args.grace,
+        "storage_timeout_s": args.storage_timeout,
         "evaluator.kind": args.evaluator, "evaluator.proxy": args.proxy, "evaluator.epochs": args.epochs,
     })
     print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
@@ -88,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a trial with no heartbeat for this many seconds (SQL storages; journal storages: no worker "
                         "recorded) is failed and retried (default 30; must exceed --heartbeat); a worker waiting for "
                         "others' trials gives up after 5 times this without progress")
+    p.add_argument("--storage-timeout", type=int, metavar="S",
+                   help="a worker whose storage (database server) is unreachable waits and reconnects, and gives up "
+                        "with an error after this many seconds (default 120)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_search)

@@ -3,6 +3,7 @@ refused with one line naming the file and the fix when it is damaged or edited."
 from __future__ import annotations
 
 import csv
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from nas.detect.checkpoint import load_checkpoint
 from nas.detect.optim import planned_epochs
 from nas.detect.trainconfig import RUNTIME_FIELDS, TrainConfig
 from nas.errors import ConfigError, NasError
+from nas.system import exclusive_lock
 
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 CSV_FIELDS = ("epoch", *(f"train/{n}" for n in LOSS_NAMES), "lr/pg0", "lr/pg1", "lr/pg2", "map50", "map50_95",
@@ -22,6 +24,18 @@ RESUME_KEYS = {"epoch": int, "best_fitness": (int, float), "best_epoch": int, "e
                "optimizer": dict, "scheduler": dict, "rng": dict, "config": dict}
 # args.yaml fields a resume may differ in: runtime settings, and where the run lives
 ARGS_FREE = (*RUNTIME_FIELDS, "resume", "project", "name", "exist_ok")
+LOCK_NAME = "train.lock"  # held (an OS lock: gone with its process) by the training writing the folder
+
+
+def hold_run_dir(run_dir: Path, held: ExitStack) -> None:
+    """Lock `run_dir` for this training's life (until `held` closes), or refuse at once when another training
+    writes it: two trainings would interleave their epochs in one last.pt and results.csv."""
+    lock = run_dir / LOCK_NAME
+    try:
+        held.enter_context(exclusive_lock(lock, wait=False))
+    except BlockingIOError:
+        raise NasError(f"{run_dir}: another training is writing this run folder (it holds {lock}); wait for it to "
+                       "finish (then --resume continues after its last epoch), or train under another --name") from None
 
 
 def unique_dir(project: Path, name: str) -> Path:
@@ -112,13 +126,18 @@ def _check_args_yaml(run_dir: Path, saved: dict[str, Any]) -> None:
             raise ConfigError(str(path), k, f"{args[k]!r} differs from the checkpoint's {v!r}; {fix}")
 
 
-def open_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any], list[dict[str, Any]], Path]:
-    """For `cfg.resume`: the run's own config (cfg's runtime fields kept), its last.pt, the results.csv rows up to
-    it and the run folder; refused when the run is missing, damaged, edited or already finished."""
+def resume_dir(cfg: TrainConfig) -> Path:
+    """The run folder `cfg.resume` continues: PROJECT/NAME."""
     name = cfg.name or (cfg.arch.name if cfg.arch is not None else None)
     if not name:
         raise ConfigError("train config", "name", "resume needs the run's name (runs/train/NAME)")
-    run_dir = Path(cfg.project) / name
+    return Path(cfg.project) / name
+
+
+def open_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any], list[dict[str, Any]], Path]:
+    """For `cfg.resume`: the run's own config (cfg's runtime fields kept), its last.pt, the results.csv rows up to
+    it and the run folder; refused when the run is missing, damaged, edited or already finished."""
+    run_dir = resume_dir(cfg)
     if not (run_dir / "weights" / "last.pt").is_file():
         raise ConfigError(str(run_dir), None, "nothing to resume: weights/last.pt not found (check --project "
                                               "and --name, or start without --resume)")

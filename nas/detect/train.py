@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from nas.detect.digits import ensure_digits
 from nas.detect.evaluate import evaluate
 from nas.detect.loss import DetectionLoss
 from nas.detect.optim import ModelEMA, build_optimizer, lr_lambda, planned_epochs, reschedule
-from nas.detect.runfolder import LOSS_NAMES, open_resume, resume_fix, unique_dir, write_csv
+from nas.detect.runfolder import LOSS_NAMES, hold_run_dir, open_resume, resume_dir, resume_fix, unique_dir, write_csv
 from nas.detect.trainconfig import TrainConfig, TrainResult, check_config
 from nas.errors import NasError
 from nas.system import cache_dir, retain_heap, usable_cpus
@@ -143,12 +144,15 @@ def _restore(r: _Run, ckpt: dict[str, Any]) -> None:
     r.start_epoch, r.best_fitness, r.best_epoch = ckpt["epoch"], ckpt["best_fitness"], ckpt["best_epoch"]
 
 
-def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int) -> _Run:
-    """Resume or start: config, data, run folder, model, optimizer, EMA; rank 0 writes args.yaml and arch.yaml."""
+def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int, held: ExitStack) -> _Run:
+    """Resume or start: config, data, run folder, model, optimizer, EMA; rank 0 locks the run folder until `held`
+    closes (another training writing it is refused) and writes args.yaml and arch.yaml."""
     device = resolve_device(cfg.device, local_rank, world)
     main = rank == 0
     ckpt, history, run_dir = None, [], None
     if cfg.resume:
+        if main and resume_dir(cfg).is_dir():  # locked before reading: a running training may be writing it
+            hold_run_dir(resume_dir(cfg), held)
         cfg, ckpt, history, run_dir = open_resume(cfg)
     check_config(cfg)
     # data before the run folder: a bad data YAML or label set must not leave an empty PROJECT/NAME behind
@@ -167,6 +171,8 @@ def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int) -> _Run:
         run_dir = broadcast(project / name if cfg.exist_ok else unique_dir(project, name), world)
         cfg = replace(cfg, name=run_dir.name)
     if main:
+        if not cfg.resume:
+            hold_run_dir(run_dir, held)
         (run_dir / "weights").mkdir(parents=True, exist_ok=True)
 
     _seed_everything(cfg.seed)
@@ -348,11 +354,11 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
     threads = torch.get_num_threads()
     if cfg.retain_heap:  # first thing: the DataLoader workers forked below inherit it
         retain_heap()
-    r = None
+    r, held = None, ExitStack()  # the run folder's lock, released when the training ends however it ends
     try:
         if cfg.threads:  # process-wide, so restored below; 1 avoids OpenMP spin-waits on busy small machines
             torch.set_num_threads(cfg.threads)
-        r = _setup(cfg, world, rank, int(os.environ.get("LOCAL_RANK", 0)))
+        r = _setup(cfg, world, rank, int(os.environ.get("LOCAL_RANK", 0)), held)
         cfg, stopped = r.cfg, False
         epochs = planned_epochs(cfg, [x["time"] for x in r.history])  # == cfg.epochs without a time limit
         if epochs != cfg.epochs:
@@ -383,5 +389,6 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
         torch.set_num_threads(threads)
         if r is not None and r.writer is not None:
             r.writer.close()
+        held.close()
         if own_group:
             dist.destroy_process_group()

@@ -11,7 +11,7 @@ import yaml
 
 from nas.config import check_keys, load_yaml, read, require_mapping, short_repr, suggest
 from nas.errors import ConfigError
-from nas.search.storage import GRACE_S, HEARTBEAT_S
+from nas.search.storage import GRACE_S, HEARTBEAT_S, STORAGE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from nas.arch.headconfig import HeadConfig
@@ -63,6 +63,7 @@ class Experiment:
     tensorboard_every: int = 25    # Pareto figure in RUN/tb every K finished trials (and at the end); 0 = no TensorBoard
     heartbeat_s: int = HEARTBEAT_S  # SQL storages: a running trial's heartbeat period, in seconds
     grace_s: int = GRACE_S         # a trial silent this long (its worker died) is failed and retried; see --grace
+    storage_timeout_s: int = STORAGE_TIMEOUT_S  # a worker gives up after the storage is unreachable this long
     source: str = field(default="<experiment>", compare=False)
 
     @property
@@ -155,6 +156,7 @@ def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None
                                check=lambda v: None if v >= 0 else "must be >= 0 (0 turns TensorBoard off)"),
         heartbeat_s=read(d, "heartbeat_s", int, source, None, default=HEARTBEAT_S),
         grace_s=read(d, "grace_s", int, source, None, default=GRACE_S),
+        storage_timeout_s=read(d, "storage_timeout_s", int, source, None, default=STORAGE_TIMEOUT_S),
         source=source,
     )
     return check(exp)
@@ -168,6 +170,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "evaluator.batch": (1, 4096), "evaluator.epochs": (1, 10_000), "evaluator.imgsz": (32, 4096),
     "evaluator.train_batch": (1, 4096), "evaluator.train_images": (1, 10**7), "evaluator.val_images": (1, 10**7),
     "heartbeat_s": (1, 86_400), "grace_s": (2, 7 * 86_400),
+    "storage_timeout_s": (1, 7 * 86_400),
 }
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
 

@@ -15,7 +15,7 @@ from nas.detect.short import ShortSchedule, short_train
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import extend_command, space_neckhead_ops
 from nas.latency.table import LatencyTable, LatencyTableError
-from nas.search.storage import WORKER_ATTR, pause_here, worker_id
+from nas.search.storage import WORKER_ATTR, outage, pause_here, worker_id
 from nas.space import load_space, trial_chooser
 from nas.system import usable_cpus
 
@@ -173,6 +173,8 @@ class Objective:
             trial.set_user_attr("evaluated", True)
             raise
         except Exception as e:  # the study goes on; the reason stays with the trial
+            if outage(e) is not None:  # nowhere to write the reason: the worker waits for the storage and retries
+                raise
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             trial.set_user_attr("fail_reason", reason)
             trial.set_user_attr("evaluated", False)

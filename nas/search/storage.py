@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -34,6 +35,9 @@ GRACE_S = 30              # silent for GRACE_S is declared dead and retried
 MAX_RETRY = 3
 
 
+STORAGE_TIMEOUT_S = 120   # a worker whose storage is unreachable this long gives up (experiment storage_timeout_s)
+
+
 WORKER_ATTR = "nas:worker"  # host:pid of the process running a trial: who to ask whether it is still alive
 
 
@@ -50,6 +54,11 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
     journal:///FILE and redis://HOST give journal storages, which parallel workers on one machine (file) or many
     (Redis) can share."""
     storage, lock = _open_storage(url, heartbeat_s, grace_s)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        _steady_heartbeats(storage)
+        rdb_logger = logging.getLogger("optuna.storages._rdb.storage")
+        if not any(isinstance(f, _LostConnectionNotice) for f in rdb_logger.filters):
+            rdb_logger.addFilter(_LostConnectionNotice())
     if os.environ.get(PAUSE_ENV):
         _install_pauses(storage, os.environ[PAUSE_ENV], lock)
     return storage
@@ -122,6 +131,102 @@ class JournalLock:
         self._held.close()
 
 
+def _steady_heartbeats(storage: optuna.storages.RDBStorage) -> None:
+    """A heartbeat that fails because the server is away is skipped, not fatal: Optuna's heartbeat thread would die
+    with a traceback, and a trial still running after the outage would then look dead to every other worker."""
+    beat = storage.record_heartbeat
+
+    def record_heartbeat(trial_id: int) -> None:
+        try:
+            beat(trial_id)
+        except Exception as e:  # only outages are skipped; the next beat comes heartbeat_s later
+            if outage(e) is None:
+                raise
+            logger.debug("heartbeat of trial %d skipped: storage unreachable", trial_id)
+
+    storage.record_heartbeat = record_heartbeat
+
+
+class _LostConnectionNotice(logging.Filter):
+    """Drops Optuna's multi-line "Caught an error from sqlalchemy ... Falling back" notice when the error is a lost
+    connection: the fallback query fails the same way, and the worker then says so in one line (Reconnect)."""
+
+    WORDS = ("closed the connection", "connection refused", "terminating connection", "could not connect",
+             "connection failed", "server closed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Caught an error from sqlalchemy") and any(w in msg.lower() for w in self.WORDS))
+
+
+def outage(e: BaseException) -> str | None:
+    """One line on why the storage is unreachable if `e` (or an exception it wraps: Optuna wraps a failed commit in
+    StorageInternalError) is a lost connection to the database or Redis server; None for any other error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if _connection_error(e):
+            return f"{type(e).__name__}: {(str(getattr(e, 'orig', None) or e).strip().splitlines() or [''])[0][:200]}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _connection_error(e: BaseException) -> bool:
+    try:
+        from sqlalchemy import exc
+    except ImportError:  # pragma: no cover - a dependency of Optuna's RDB storage
+        exc = None
+    if exc is not None and isinstance(e, (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)):
+        return True
+    if exc is not None and isinstance(e, exc.DBAPIError) and e.connection_invalidated:
+        return True
+    # Redis journals: redis.exceptions.ConnectionError / TimeoutError, without importing redis when unused
+    return type(e).__module__.startswith("redis") and type(e).__name__ in ("ConnectionError", "TimeoutError")
+
+
+class Reconnect:
+    """A worker whose storage went away: one line when the outage starts, a probe with bounded backoff (0.5 s
+    doubling to 4 s), one line when the storage is back, and a NasError once it has been away `timeout_s`."""
+
+    BACKOFF_S = (0.5, 4.0)
+
+    def __init__(self, storage: optuna.storages.BaseStorage, url: str, timeout_s: float):
+        self.storage, self.url, self.timeout_s = storage, mask_url(url), timeout_s
+
+    def __call__(self, reason: str) -> float:
+        """Block until the storage answers again; returns the seconds it was away."""
+        start, pause = time.monotonic(), self.BACKOFF_S[0]
+        # the time of day makes each outage's line distinct (the command's output shows a repeated warning once)
+        logger.warning("storage %s unreachable since %s (%s); waiting up to %d s for it to come back", self.url,
+                       time.strftime("%H:%M:%S"), reason, self.timeout_s)
+        while True:
+            time.sleep(min(pause, max(0.0, start + self.timeout_s - time.monotonic())))
+            try:
+                self._probe()
+            except Exception as e:  # outages retry; anything else is a real error
+                if outage(e) is None:
+                    raise
+                reason = outage(e) or reason
+            else:
+                took = time.monotonic() - start
+                logger.warning("storage %s is back at %s after %.0f s; carrying on", self.url,
+                               time.strftime("%H:%M:%S"), took)
+                return took
+            if time.monotonic() - start >= self.timeout_s:
+                raise NasError(f"storage {self.url} unreachable ({reason}); gave up after {self.timeout_s} s "
+                               f"(--storage-timeout); run the same command again once it is back") from None
+            pause = min(2 * pause, self.BACKOFF_S[1])
+
+    def _probe(self) -> None:
+        if isinstance(self.storage, optuna.storages.RDBStorage):
+            from sqlalchemy import text
+
+            with self.storage.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        else:
+            self.storage.get_all_studies()
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -173,18 +278,31 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, 
         if beats is not None and t._trial_id in beats:
             continue  # Optuna's stale check: no heartbeat for grace_s
         reason = _death(t, host, now, grace_s, journal=beats is None)
-        if reason is None:
-            continue
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-            if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:  # it finished, or another worker failed it first
-            continue
-        with quiet_experimental():
-            RetryDeadTrial(max_retry=MAX_RETRY)(study, study._storage.get_trial(t._trial_id))
-        failed.append(t.number)
+        if reason is not None and fail_and_retry(study, t._trial_id, reason):
+            failed.append(t.number)
     return failed
+
+
+def fail_own_trials(study: optuna.Study) -> list[int]:
+    """Fail, and retry, the RUNNING trials of this worker: called between trials (after a storage outage broke the
+    trial in flight), when none of them can still be running. Returns their numbers."""
+    me = worker_id()
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.system_attrs.get(WORKER_ATTR) == me
+            and fail_and_retry(study, t._trial_id, "the storage went away while it ran")]
+
+
+def fail_and_retry(study: optuna.Study, trial_id: int, reason: str) -> bool:
+    """Fail a RUNNING trial with `reason` and queue its retry (RetryDeadTrial); False if it finished first."""
+    try:
+        study._storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        if not study._storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:  # it finished, or another worker failed it first
+        return False
+    with quiet_experimental():
+        RetryDeadTrial(max_retry=MAX_RETRY)(study, study._storage.get_trial(trial_id))
+    return True
 
 
 def _death(t: FrozenTrial, host: str, now: datetime, grace_s: float, journal: bool) -> str | None:

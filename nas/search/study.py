@@ -12,11 +12,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.samplers import make_pruner, make_sampler
-from nas.search.storage import WORKER_ATTR, fail_dead_trials, heartbeats, make_storage, owner_alive, quiet_experimental
+from nas.search.storage import (
+    WORKER_ATTR,
+    Reconnect,
+    fail_dead_trials,
+    fail_own_trials,
+    heartbeats,
+    make_storage,
+    outage,
+    owner_alive,
+    quiet_experimental,
+)
 
 if TYPE_CHECKING:
     from nas.search.experiment import Experiment
@@ -70,20 +81,36 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
     watch = _TrialWatch(bar if progress and index == 0 else None)
     callbacks = [*callbacks, watch]
     wait = _Wait(exp, storage)
+    reconnect, orphans = Reconnect(storage, exp.storage_url(), exp.storage_timeout_s), False
     try:
         while True:
-            _reap(study, storage, exp.grace_s)
-            done, running = counted(study)
-            bar.n = done
-            bar.refresh()
-            if done >= exp.trials:
-                break
-            if exp.timeout_s is not None and time.monotonic() - start > exp.timeout_s:
-                break
-            if done + running >= exp.trials:
-                wait(study)  # the last trials run elsewhere; if their worker dies, _reap brings them back
+            try:
+                if orphans:  # the trial in flight when the storage went away: failed and retried at once
+                    fail_own_trials(study)
+                    orphans = False
+                _reap(study, storage, exp.grace_s)
+                done, running = counted(study)
+                bar.n = done
+                bar.refresh()
+                if done >= exp.trials:
+                    break
+                if exp.timeout_s is not None and time.monotonic() - start > exp.timeout_s:
+                    break
+                if done + running >= exp.trials:
+                    wait(study)  # the last trials run elsewhere; if their worker dies, _reap brings them back
+                    continue
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
+            except Exception as e:  # the database server went away: wait for it, bounded
+                reason = outage(e)
+                if reason is None and _taken(e):
+                    logger.warning("a trial of this worker was failed by another worker (no heartbeat for "
+                                   "%d s while the storage was away); its retry runs instead", exp.grace_s)
+                    continue
+                if reason is None:
+                    raise
+                reconnect(reason)
+                orphans = True
                 continue
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
             if watch.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
                 # Failed trials don't count towards the budget, so a cause that fails every candidate (a bad
                 # evaluator setting, a broken data set) would otherwise loop forever.
@@ -91,6 +118,12 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
                                f"fix the cause and run the same command again to resume")
     finally:
         bar.close()
+
+
+def _taken(e: BaseException) -> bool:
+    """Whether `e` says this worker's trial was finished by someone else (failed as dead after an outage longer
+    than grace_s): the storage refuses the update, or Optuna's tell refuses a finished trial."""
+    return isinstance(e, UpdateFinishedTrialError) or (isinstance(e, ValueError) and str(e).startswith("Cannot tell a "))
 
 
 def _reap(study: optuna.Study, storage: optuna.storages.BaseStorage, grace_s: float) -> None:
