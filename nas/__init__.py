@@ -16,8 +16,10 @@ _EXPORTS = {
     "nas.arch.zoo": ("get_arch", "zoo_names"),
     "nas.errors": ("ConfigError", "NasError"),
     "nas.space": ("SearchSpace", "load_space"),
-    "nas.arch.detector": ("Detector", "HeadConfig"),
+    "nas.arch.detector": ("Detector",),
+    "nas.arch.headconfig": ("HeadConfig",),
     "nas.latency.table": ("LatencyTable",),
+    "nas.latency.adapt": ("adapt",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

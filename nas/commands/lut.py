@@ -76,20 +76,45 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def _calibrate(table, space_path: Path, n: int, quiet: bool) -> None:
-    from nas.latency.validate import calibrate, calibration_archs
+    from nas.latency.validate import calibrate, calibration_archs, end_to_end
     from nas.space import load_space
 
     archs = calibration_archs(load_space(space_path), n)
-    scale = calibrate(table, archs, _end_to_end(table.protocol), progress=not quiet)
+    scale = calibrate(table, archs, end_to_end(table.protocol), progress=not quiet)
     print(f"{table.path}: calibration scale {scale:.4f} (median of measured / summed latency over {n} networks of "
           f"{space_path}; `nas lut validate` reports the plain sum beside it)")
 
 
-def _end_to_end(protocol, repeats: int = 30, min_time: float = 0.3):
-    """End-to-end runs are few and long: time more of them than a table entry (binding fields unchanged)."""
-    import dataclasses
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from nas.latency.adapt import adapt, target_protocol
+    from nas.latency.table import LatencyTable
+    from nas.space import load_space
 
-    return dataclasses.replace(protocol, repeats=repeats, min_time_s=min_time)
+    source = LatencyTable.load(args.table)
+    protocol = target_protocol(source.protocol, args.backend, args.threads, args.reference)
+    out = Path(args.out or f"runs/lut-adapt/{args.table.stem}-{protocol.backend}-t{protocol.threads}.csv")
+    if out.exists() and not args.force:
+        raise ConfigError(str(out), None, "exists; use --force to overwrite it, or --out for another file")
+    print(f"adapting {args.table} to this machine ({protocol.describe()}): {args.ops} ops and {args.num} networks "
+          f"to measure", file=sys.stderr)
+    table = adapt(source, load_space(args.space), protocol, args.num, _head(args), n_ops=args.ops, seed=args.seed,
+                  name=out.stem, progress=not args.quiet)
+    table.save(out)
+    print(f"{out}: {len(table.entries)} ops adapted from {args.table}")
+    print(_adaptation_line(table))
+
+
+def _adaptation_line(table) -> str:
+    """Where an adapted table came from, what was measured for it and how well the fit did, in one line."""
+    a, src = table.header["adaptation"], table.header["adapted_from"]
+    r = {k: v for k, v in a.get("residuals", {}).items() if v is not None}
+    fit = [f"ops within ±10% {r['ops_cv_within_10pct']:.0%} (cross-validated)" if "ops_cv_within_10pct" in r else "",
+           f"networks within ±10% {r['networks_within_10pct']:.0%}" if "networks_within_10pct" in r else "",
+           f"(the source table: {r['source_within_10pct']:.0%})" if "source_within_10pct" in r else ""]
+    scale = f", calibration scale {table.scale:.4f}" if table.header.get("calibration") else ""
+    return (f"adapted from {src['table']} ({src.get('cpu_id') or 'unknown CPU'}, {src['backend']}, {src['threads']} "
+            f"thread(s)): {a['ops']} ops and {a['networks']} networks measured in {a['minutes']:.1f} min{scale}; "
+            + ", ".join(f for f in fit[:2] if f) + (f" {fit[2]}" if fit[2] else ""))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -136,6 +161,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(json.dumps({"header": table.header, "entries": len(table.entries)}, indent=2, default=str))
         return
     sys.stdout.write(yaml.safe_dump(table.header, sort_keys=False))
+    if table.header.get("adaptation"):
+        print(_adaptation_line(table))
     vals = sorted(getattr(e, table.column) for e in table.entries.values())
     if vals:
         print(f"entries ({table.protocol.statistic} latencies): {len(vals)} ops, median {vals[len(vals) // 2]:.1f} us, "
@@ -144,7 +171,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     from nas.latency.table import LatencyTable
-    from nas.latency.validate import validate, validation_archs, write_report
+    from nas.latency.validate import end_to_end, validate, validation_archs, write_report
     from nas.space import load_space
 
     table = LatencyTable.load(args.table)
@@ -160,7 +187,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
             ops += [neckhead_op(a, head) for a in archs]
         table.extend(ops, path=args.table, progress=not args.quiet)
-    protocol = _end_to_end(table.protocol, args.repeats, args.min_time)
+    protocol = end_to_end(table.protocol, args.repeats, args.min_time)
     report = validate(table, archs, protocol, progress=not args.quiet, head=_head(args))
     paths = write_report(report, args.out)
     s = report.summary()
@@ -169,6 +196,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         return
     what = "detectors (backbone + neck+head)" if _head(args) else "architectures"
     print(f"{report.n} {what} from {args.space}, {report.protocol}")
+    if table.header.get("adaptation"):
+        print(_adaptation_line(table))
     print(f"{'predictor':22s} {'MAPE':>7s} {'±5%':>6s} {'±10%':>6s} {'tau':>6s} {'rho':>6s} {'bias':>7s}")
     label = "lookup table*" if report.calibration else "lookup table (sum)"
     for name, acc in ((label, report.lut), ("table, plain sum", report.plain_sum),
@@ -222,52 +251,61 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"{args.out}: {len(table.entries)} ops imported from {args.csv}")
 
 
+def _measuring(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement protocol")
+    g.add_argument("--backend", default="torch-cpu", help="torch-cpu | onnxruntime-cpu | torch-cuda (default torch-cpu)")
+    g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    g.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    g.add_argument("--repeats", type=int, default=20, help="minimum timed runs per op (default 20)")
+    g.add_argument("--min-time", type=float, default=0.04, help="minimum timed seconds per op (default 0.04)")
+    g.add_argument("--warmup", type=int, default=3, help="minimum warm-up runs (default 3)")
+    g.add_argument("--warmup-time", type=float, default=0.01, help="minimum warm-up seconds (default 0.01)")
+    g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
+    g.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="don't time the reference workload alongside each op (no drift normalisation)")
+    g.add_argument("--statistic", choices=("p10", "median"), default="p10",
+                   help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
+
+
+def _detector(p: argparse.ArgumentParser, what: str) -> None:
+    from nas.arch.headconfig import NECKS, HeadConfig
+
+    d = HeadConfig()
+    g = p.add_argument_group("whole detector")
+    g.add_argument("--detector", action="store_true", help=what)
+    g.add_argument("--neck", choices=NECKS, default=d.neck, help=f"neck type (default {d.neck})")
+    g.add_argument("--width", type=float, default=d.width, help=f"neck width multiplier (default {d.width})")
+    g.add_argument("--depth", type=float, default=d.depth, help=f"neck depth multiplier (default {d.depth})")
+    g.add_argument("--classes", type=int, default=d.num_classes,
+                   help=f"classes the head predicts (default {d.num_classes}, DigitsDet)")
+
+
+def _covering(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", action="append", type=Path, help="search space YAML whose ops to cover (repeatable)")
+    p.add_argument("--arch", action="append", help="arch YAML or zoo:NAME whose ops to cover (repeatable)")
+    p.add_argument("--resolution", action="append", type=int,
+                   help="cover each --arch at this input resolution instead of its own (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _detector(p, "also the detector's neck+head op for every feature-channel combination and resolution of "
+                 "each space (and for each arch): what budgets on the whole detector need")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    lut = sub.add_parser("lut", help="latency lookup tables: build, extend, show, validate").add_subparsers(
+    lut = sub.add_parser("lut", help="latency lookup tables: build, adapt, extend, show, validate").add_subparsers(
         dest="lut_command", metavar="ACTION", required=True)
+    _register_building(lut)
+    _register_adapt(lut)
+    _register_reading(lut)
+    _register_elsewhere(lut)
 
-    def measuring(p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("measurement protocol")
-        g.add_argument("--backend", default="torch-cpu", help="torch-cpu | onnxruntime-cpu | torch-cuda (default torch-cpu)")
-        g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-        g.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-        g.add_argument("--repeats", type=int, default=20, help="minimum timed runs per op (default 20)")
-        g.add_argument("--min-time", type=float, default=0.04, help="minimum timed seconds per op (default 0.04)")
-        g.add_argument("--warmup", type=int, default=3, help="minimum warm-up runs (default 3)")
-        g.add_argument("--warmup-time", type=float, default=0.01, help="minimum warm-up seconds (default 0.01)")
-        g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
-        g.add_argument("--no-reference", dest="reference", action="store_false",
-                       help="don't time the reference workload alongside each op (no drift normalisation)")
-        g.add_argument("--statistic", choices=("p10", "median"), default="p10",
-                       help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
 
-    def detector(p: argparse.ArgumentParser, what: str) -> None:
-        from nas.arch.headconfig import NECKS, HeadConfig
-
-        d = HeadConfig()
-        g = p.add_argument_group("whole detector")
-        g.add_argument("--detector", action="store_true", help=what)
-        g.add_argument("--neck", choices=NECKS, default=d.neck, help=f"neck type (default {d.neck})")
-        g.add_argument("--width", type=float, default=d.width, help=f"neck width multiplier (default {d.width})")
-        g.add_argument("--depth", type=float, default=d.depth, help=f"neck depth multiplier (default {d.depth})")
-        g.add_argument("--classes", type=int, default=d.num_classes,
-                       help=f"classes the head predicts (default {d.num_classes}, DigitsDet)")
-
-    def covering(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--space", action="append", type=Path, help="search space YAML whose ops to cover (repeatable)")
-        p.add_argument("--arch", action="append", help="arch YAML or zoo:NAME whose ops to cover (repeatable)")
-        p.add_argument("--resolution", action="append", type=int,
-                       help="cover each --arch at this input resolution instead of its own (repeatable)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        detector(p, "also the detector's neck+head op for every feature-channel combination and resolution of "
-                    "each space (and for each arch): what budgets on the whole detector need")
-
+def _register_building(lut: argparse._SubParsersAction) -> None:
     p = lut.add_parser("build", help="measure every op of a space (and/or archs) into a new table")
     p.add_argument("--out", required=True, help="table file to write (e.g. latency_tables/cpu_torch_fp32_t1.csv)")
     p.add_argument("--name", help="table name (default: the file name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing table")
-    covering(p)
-    measuring(p)
+    _covering(p)
+    _measuring(p)
     p.add_argument("--calibrate", type=int, default=30, metavar="N",
                    help="then fit the table's calibration on N networks sampled from the first --space, measured "
                         "end to end (default 30; 0: none)")
@@ -282,15 +320,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = lut.add_parser("extend", help="measure only the ops a table is missing (same protocol as the table)")
     p.add_argument("table", type=Path)
-    covering(p)
+    _covering(p)
     p.set_defaults(func=cmd_extend)
 
+
+def _register_adapt(lut: argparse._SubParsersAction) -> None:
+    p = lut.add_parser("adapt", help="a table for this machine (and backend, threads) from another machine's table, "
+                                     "in minutes: a few hundred ops and networks measured, a fitted transfer")
+    p.add_argument("table", type=Path, help="the source table (e.g. a shipped one, built on another CPU)")
+    p.add_argument("--space", type=Path, required=True, help="search space whose ops to sample and measure")
+    p.add_argument("--backend", help="target backend: torch-cpu | onnxruntime-cpu | torch-cuda (default: the source "
+                                     "table's)")
+    p.add_argument("--threads", type=int, help="target intra-op threads (default: the source table's)")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the reference workload alongside each op (default: as the source on its backend; "
+                        "on for torch, off for ONNX Runtime)")
+    p.add_argument("-n", "--num", type=int, default=50, help="networks to measure end to end (default 50)")
+    p.add_argument("--ops", type=int, default=400, help="single ops to measure (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the op sample (default 0)")
+    p.add_argument("--out", help="table file to write (default runs/lut-adapt/SOURCE-BACKEND-tTHREADS.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _detector(p, "also measure some of the space's neck+head ops (whole-detector budgets)")
+    p.set_defaults(func=cmd_adapt)
+
+
+def _register_reading(lut: argparse._SubParsersAction) -> None:
     p = lut.add_parser("show", help="a table's header, or an arch's predicted latency block by block")
     p.add_argument("table", type=Path)
     p.add_argument("--arch", help="arch YAML or zoo:NAME to predict")
     p.add_argument("--resolution", type=int, help="predict at this input resolution")
     p.add_argument("--json", action="store_true")
-    detector(p, "predict the whole detector: backbone + the neck+head op")
+    _detector(p, "predict the whole detector: backbone + the neck+head op")
     p.set_defaults(func=cmd_show)
 
     p = lut.add_parser("validate", help="predicted vs measured end-to-end latency on sampled architectures")
@@ -304,12 +365,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float, default=0.3, help="minimum timed seconds per architecture (default 0.3)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    detector(p, "validate whole detectors: backbone + the neck+head op against the Detector measured end to end")
+    _detector(p, "validate whole detectors: backbone + the neck+head op against the Detector measured end to end")
     p.set_defaults(func=cmd_validate)
 
+
+def _register_elsewhere(lut: argparse._SubParsersAction) -> None:
     p = lut.add_parser("template", help="CSV of the ops to measure on another device (for `nas lut import`)")
     p.add_argument("--out", required=True)
-    covering(p)
+    _covering(p)
     p.set_defaults(func=cmd_template)
 
     p = lut.add_parser("import", help="a table from a CSV measured on another device (see docs/LATENCY.md)")

@@ -27,6 +27,7 @@ from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_map
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import NeckHeadOp, TableOp, arch_ops, extend_command, key_of, neckhead_op, op_key
 from nas.latency.environment import environment
+from nas.latency.header import check_header_records
 from nas.latency.profile import measure, reference_speed
 from nas.latency.protocol import Protocol
 
@@ -36,7 +37,6 @@ COLUMNS = ("op", "median_us", "p10_us", "p90_us", "n")
 BINDING = ("backend", "threads", "batch", "dtype")
 Shape = tuple[int, int, int]
 TABLE_STATISTICS = {"p10": "p10_us", "median": "median_us"}  # protocol statistic -> the column a table predicts with
-SCALE_RANGE = (0.5, 2.0)  # a calibration outside this says the table and the machine disagree: rebuild, don't scale
 log = logging.getLogger(__name__)
 
 
@@ -227,8 +227,7 @@ class LatencyTable:
         if header.get("format") != FORMAT:
             raise ConfigError(source, "header.format", f"expected {FORMAT!r}, got {header.get('format')!r}")
         check_keys(header, ("format", "name", "unit", "device", "protocol", "space", "notes", "updated", "imported_from",
-                    "reference_us", "calibration"),
-                   source, "header")
+                            "reference_us", "calibration", "adapted_from", "adaptation"), source, "header")
         proto = require_mapping(read(header, "protocol", dict, source, "header"), source, "header.protocol")
         check_keys(proto, [f.name for f in fields(Protocol)], source, "header.protocol")  # suggests the nearest key
         try:
@@ -240,7 +239,7 @@ class LatencyTable:
         if proto.get("statistic", "p10") not in TABLE_STATISTICS:
             raise ConfigError(source, "header.protocol.statistic", f"a table holds {' or '.join(TABLE_STATISTICS)} "
                                                                    f"latencies, got {proto.get('statistic')!r}")
-        _check_calibration(header.get("calibration"), source)
+        check_header_records(header, source)
         if not body or tuple(c.strip() for c in body[0][1].split(",")) != COLUMNS:
             raise ConfigError(source, "columns", f"expected the column line {','.join(COLUMNS)}")
         entries = {}
@@ -265,18 +264,6 @@ class LatencyTable:
         table = cls.loads(text, str(p))
         table.path = p
         return table
-
-
-def _check_calibration(c: Any, source: str) -> None:
-    if c is None:
-        return
-    c = require_mapping(c, source, "header.calibration")
-    check_keys(c, ("scale", "archs", "seed", "fitted"), source, "header.calibration")
-    v = c.get("scale")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not SCALE_RANGE[0] <= v <= SCALE_RANGE[1]:
-        raise ConfigError(source, "header.calibration.scale",
-                          f"must be a number in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], got {v!r}; re-fit it with "
-                          f"`nas lut calibrate TABLE --space SPACE.yaml`")
 
 
 def _plain(v: Any) -> Any:

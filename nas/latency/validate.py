@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -15,9 +15,10 @@ from nas.arch.cost import arch_cost
 from nas.arch.detector import detector_cost
 from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
+from nas.latency.header import SCALE_RANGE
 from nas.latency.profile import measure_network
 from nas.latency.protocol import Protocol
-from nas.latency.table import SCALE_RANGE, LatencyTable, LatencyTableError
+from nas.latency.table import LatencyTable, LatencyTableError
 from nas.space import SearchSpace
 
 
@@ -101,7 +102,11 @@ def calibrate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol
     than the sum of their blocks, consistently. One scale, from networks the validation never samples
     (`CALIBRATION_SEED`), removes that bias; `nas lut validate` reports the plain sum beside it."""
     protocol = protocol or table.protocol
-    rows = measure_archs(table, archs, protocol, progress=progress, desc="calibrating")
+    return fit_calibration(table, measure_archs(table, archs, protocol, progress=progress, desc="calibrating"))
+
+
+def fit_calibration(table: LatencyTable, rows: Sequence[dict]) -> float:
+    """The calibration of `measure_archs` rows (median of measured / sum), checked and stored in the header."""
     scale = float(np.median([r["measured_us"] / r["sum_us"] for r in rows]))
     lo, hi = SCALE_RANGE
     if not lo <= scale <= hi:
@@ -112,6 +117,11 @@ def calibrate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol
     table.header["calibration"] = {"scale": round(scale, 4), "archs": len(rows), "seed": CALIBRATION_SEED,
                                    "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return scale
+
+
+def end_to_end(protocol: Protocol, repeats: int = 30, min_time: float = 0.3) -> Protocol:
+    """End-to-end runs are few and long: time more of them than a table entry (binding fields unchanged)."""
+    return replace(protocol, repeats=repeats, min_time_s=min_time)
 
 
 def calibration_archs(space: SearchSpace, n: int) -> list[ArchSpec]:
@@ -134,11 +144,14 @@ class ValidationReport:
     calibration: dict | None           # the table's header.calibration
     raw: Accuracy | None               # against measurements not normalised for machine-speed drift
     rows: list[dict]
+    adapted_from: dict | None = None   # the table's header.adapted_from (None: measured here, not adapted)
+    n_adapt: int | None = None         # networks measured end to end for the adaptation
 
     def summary(self) -> dict:
         """n and the lookup table's figures at the top level, the FLOPs predictor's under `baseline`."""
         d = {"n": self.n, **self.lut.to_json(), "baseline": self.flops.to_json(), "table": self.table,
-             "protocol": self.protocol, "calibration": self.calibration}
+             "protocol": self.protocol, "calibration": self.calibration, "adapted_from": self.adapted_from,
+             "n_adapt": self.n_adapt}
         if self.plain_sum is not None:
             d["sum"] = self.plain_sum.to_json()
         if self.raw is not None:
@@ -161,8 +174,10 @@ def validate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol 
     calibration = table.header.get("calibration")
     plain = accuracy([r["sum_us"] for r in rows], meas) if calibration else None
     raw = accuracy(pred, [r["raw_measured_us"] for r in rows]) if table.reference_us else None
+    adaptation = table.header.get("adaptation") or {}
     return ValidationReport(str(table.path or table.name), protocol.describe(), len(rows), accuracy(pred, meas),
-                            accuracy(flops_pred, meas), plain, calibration, raw, rows)
+                            accuracy(flops_pred, meas), plain, calibration, raw, rows,
+                            table.header.get("adapted_from"), adaptation.get("networks"))
 
 
 def write_report(report: ValidationReport, out_dir: str | Path, tensorboard: bool = True) -> dict[str, Path]:
