@@ -81,8 +81,8 @@ def _note_unmeasured_kinds(source: LatencyTable, measured: Sequence[str], head: 
 
 def _measure_networks(target: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol,
                       progress: bool) -> list[float]:
-    """Each backbone's latency end to end, normalised to the target's reference speed. Measured first, in a process
-    that has timed nothing else yet, as `nas lut calibrate` does: measured after the ops, the scale came out 2-5%
+    """Each backbone's latency end to end, normalised to the target's reference speed. Called first, in a process
+    that has timed nothing else yet, as `nas lut calibrate` does: measured after the ops, the networks gave a scale
     above what held-out networks needed (docs/LATENCY.md)."""
     from tqdm import tqdm
 
@@ -117,11 +117,11 @@ def _residuals(transfer: Transfer, rows: Sequence[dict], source: LatencyTable, t
 def adapt(source: LatencyTable, space: SearchSpace, protocol: Protocol, n_networks: int = 50,
           head: HeadConfig | None = None, *, n_ops: int = DEFAULT_OPS, seed: int = 0, name: str | None = None,
           network_protocol: Protocol | None = None, progress: bool = True) -> LatencyTable:
-    """A full table for this machine and `protocol` from `source`'s entries: `n_ops` single ops of `space` (with
-    `head`, neck+head ops among them) measured here, a ridge fit of log(target / source) per op (shrunk toward one
-    global factor), every entry written as source x fitted ratio (sampled ones included), then the
-    calibration scale fitted on `n_networks` backbones sampled from the calibration stream, measured end to end.
-    The header records `adapted_from` and `adaptation` (ops, networks, residuals, minutes, seed, method)."""
+    """A full table for this machine and `protocol` from `source`'s entries: `n_networks` backbones of the
+    calibration stream measured end to end, `n_ops` single ops of `space` (with `head`, neck+head ops among them)
+    measured, a ridge fit of log(target / source) per op (shrunk toward one global factor), every entry written as
+    source x fitted ratio, and the calibration scale fitted on the networks. The header records `adapted_from` and
+    `adaptation` (ops, networks, residuals, minutes, seed, method, factors)."""
     check_transferable(source, protocol)
     check_int("n_ops", n_ops, 2, source="adapt")
     check_int("n_networks", n_networks, 0, source="adapt")
