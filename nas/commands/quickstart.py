@@ -8,7 +8,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +99,21 @@ def _experiment(args: argparse.Namespace) -> tuple[Path, Experiment, list[str]]:
     return path, exp, flags
 
 
+def _host_table(qs: Quickstart, args: argparse.Namespace, exp: Experiment) -> Experiment:
+    """The table for this machine: the experiment's, or (unless --no-adapt) one adapted here into the run folder
+    when the shipped table was measured on another CPU."""
+    from nas.latency.table import LatencyTable
+    from nas.search.hosttable import ADAPTED, adapt_command, host_table
+
+    out = exp.run_dir / ADAPTED
+    if args.no_adapt or out.is_file() or not LatencyTable.load(exp.table).measured_elsewhere():
+        return host_table(exp, False, progress=not args.quiet)[0]
+    shown = replace(exp, table=str(_shown(Path(exp.table))), space=str(_shown(Path(exp.space))))
+    exp, line = qs.run("adapt", adapt_command(shown, _shown(out)), lambda: host_table(exp, True, progress=not args.quiet))
+    qs.done(line)
+    return exp
+
+
 def _search(qs: Quickstart, path: Path, exp: Experiment, flags: list[str], quiet: bool) -> optuna.Study:
     from nas.commands.common import quiet_optuna
     from nas.report.tensorboard import tensorboard_callbacks
@@ -182,6 +197,9 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
           f"evaluator, {exp.sampler} sampler, storage {'SQLite in the run folder' if not exp.storage else 'given'})",
           flush=True)
 
+    # 0. the table for this CPU (adapted once into the run folder when the shipped one was measured elsewhere)
+    exp = _host_table(qs, args, exp)
+
     # 1. search (running it again resumes: finished trials are kept)
     study = _search(qs, path, exp, flags, args.quiet)
     qs.done(f"{summary(study).get('complete', 0)} complete trials, {len(front(study))} on the Pareto front, "
@@ -240,5 +258,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training wall-clock budget; the epochs are re-planned to fit it (default 8)")
     p.add_argument("--train-images", type=int, default=500, help="DigitsDet training images (default 500)")
     p.add_argument("--val-images", type=int, default=100, help="DigitsDet validation images (default 100)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="use the shipped latency table as it is even when it was measured on another CPU (default: "
+                        "adapt it to this one first, about a minute, into the run folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)

@@ -10,12 +10,13 @@ def cmd_search(args: argparse.Namespace) -> None:
     from nas.commands.common import quiet_optuna
     from nas.report.tensorboard import tensorboard_callbacks
     from nas.search.experiment import apply_overrides, load_experiment
+    from nas.search.hosttable import host_table
     from nas.search.storage import mask_url
     from nas.search.study import run, summary
 
     exp = load_experiment(args.experiment)
     exp = apply_overrides(exp, {
-        "name": args.name, "budget_ms": args.budget_ms, "mode": args.mode, "sampler": args.sampler,
+        "name": args.name, "table": args.table, "budget_ms": args.budget_ms, "mode": args.mode, "sampler": args.sampler,
         "trials": args.trials, "timeout_s": args.timeout, "storage": args.storage, "study": args.study,
         "seed": args.seed, "workers": args.workers, "output": args.output, "device": args.device, "scope": args.scope,
         "num_classes": args.classes, "evaluator.neck": args.neck,
@@ -23,6 +24,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         "storage_timeout_s": args.storage_timeout,
         "evaluator.kind": args.evaluator, "evaluator.proxy": args.proxy, "evaluator.epochs": args.epochs,
     })
+    exp, adapted = host_table(exp, args.adapt, progress=not args.quiet)
+    if adapted:
+        print(adapted, file=sys.stderr)
     print(f"search {exp.name}: {exp.mode} mode, budget {exp.budget_ms} ms ({exp.scope}), sampler {exp.sampler}, "
           f"{exp.trials} trials, {exp.workers} worker(s), storage {mask_url(exp.storage_url())}", file=sys.stderr)
     restore = quiet_optuna()
@@ -62,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "machines join by using the same --storage URL and --study name.")
     p.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
     p.add_argument("--name", help="run name (folder under --output)")
+    p.add_argument("--table", help="latency table to predict with (default: the experiment's)")
+    p.add_argument("--adapt", action="store_true",
+                   help="if the table was measured on another CPU, adapt it to this one first (about a minute: "
+                        "`nas lut adapt`), into RUN/latency_table.csv; a run that has one keeps using it")
     p.add_argument("--budget-ms", type=float, help="latency budget in milliseconds")
     p.add_argument("--budget-scope", "--scope", dest="scope", choices=["backbone", "detector"],
                    help="what the budget covers: detector = backbone + neck + head, the latency you deploy (default), "

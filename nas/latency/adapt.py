@@ -21,13 +21,14 @@ from nas.latency.profile import measure_network
 from nas.latency.protocol import Protocol, check_int
 from nas.latency.table import Entry, LatencyTable
 from nas.latency.transfer import Transfer, fit_transfer, sample_ops
-from nas.latency.validate import accuracy, calibration_archs, end_to_end, fit_calibration
+from nas.latency.validate import accuracy, calibration_archs, end_to_end, fit_calibration, validation_archs
 from nas.space import SearchSpace
 
 log = logging.getLogger(__name__)
 FIXED = {"batch": "batch sizes", "dtype": "dtypes", "statistic": "statistics"}  # what no per-op factor carries over
 DEFAULT_OPS = 400
 METHOD = "ridge-log-ratio"
+HELD_OUT_SEED = 7  # the `nas lut validate --seed 7` stream: never among the fit's networks (calibration stream)
 
 
 def check_transferable(source: LatencyTable, protocol: Protocol) -> None:
@@ -165,3 +166,26 @@ def _record(transfer: Transfer, rows: Sequence[dict], source: LatencyTable, targ
                       f"{transfer.alpha:g} by 5-fold CV, {transfer.outliers} outlier op(s) left out; calibration "
                       f"on {len(rows)} networks",
             "factors": transfer.kind_factors({k: getattr(e, col) for k, e in source.entries.items()})}
+
+
+def held_out_check(source: LatencyTable, target: LatencyTable, space: SearchSpace, n: int,
+                   head: HeadConfig | None = None, *, seed: int = HELD_OUT_SEED, progress: bool = True
+                   ) -> dict[str, float]:
+    """The source and the adapted table scored on `n` networks neither fit saw (with `head`: whole detectors),
+    measured once here under the target's protocol, each on its own reference speed as `nas lut validate` scores a
+    table; stored as the header's `adaptation.held_out`."""
+    from tqdm import tqdm
+
+    check_int("n", n, 2, source="held-out check")
+    protocol = end_to_end(target.protocol)
+    archs = validation_archs(space, n, seed)
+    raws = [measure_network(a, protocol, head)
+            for a in tqdm(archs, desc="checking on held-out networks", disable=not progress, unit="arch")]
+    out: dict[str, float] = {"networks": n, "seed": seed}
+    for prefix, table in (("source_", source), ("", target)):
+        acc = accuracy([table.predict(a, head).total_us for a in archs],
+                       [r.normalised(table.reference_us).value_us(protocol.statistic) for r in raws])
+        out.update({f"{prefix}within_10pct": round(acc.within_10, 3), f"{prefix}kendall_tau": round(acc.kendall_tau, 3),
+                    f"{prefix}bias_pct": round(acc.bias, 2)})
+    target.header["adaptation"]["held_out"] = out
+    return out

@@ -11,7 +11,7 @@ from nas.latency.protocol import BACKENDS
 
 SCALE_RANGE = (0.5, 2.0)  # a calibration outside this says the table and the machine disagree: rebuild, don't scale
 ADAPTED_FROM_KEYS = ("table", "cpu_id", "backend", "threads")
-ADAPTATION_KEYS = ("ops", "networks", "residuals", "minutes", "seed", "method", "factors")
+ADAPTATION_KEYS = ("ops", "networks", "residuals", "minutes", "seed", "method", "factors", "held_out")
 
 
 def check_header_records(header: Mapping[str, Any], source: str) -> None:
@@ -62,7 +62,7 @@ def _check_adaptation(a: Any, source: str) -> None:
         read(a, key, int, source, where, check=_at_least(0))
     read(a, "minutes", float, source, where, check=_at_least(0))
     read(a, "method", str, source, where)
-    for key in ("residuals", "factors"):
+    for key in ("residuals", "factors", "held_out"):
         d = require_mapping(read(a, key, dict, source, where, default={}), source, f"{where}.{key}")
         for k in d:
             read(d, k, (float, type(None)), source, f"{where}.{key}")

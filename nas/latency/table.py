@@ -26,7 +26,7 @@ from nas.arch.spec import ArchSpec
 from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_mapping
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import NeckHeadOp, TableOp, arch_ops, extend_command, key_of, neckhead_op, op_key
-from nas.latency.environment import environment
+from nas.latency.environment import cpu_id, environment
 from nas.latency.header import check_header_records
 from nas.latency.profile import measure, reference_speed
 from nas.latency.protocol import Protocol
@@ -54,7 +54,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Prediction:
-    total_us: float                              # sum_us x the table's calibration scale (1 without one)
+    total_us: float                              # backbone entries x the table's calibration scale, + neck+head
     blocks: tuple[tuple[str, str, float], ...]   # (block name, op key, µs): the table's entries, uncalibrated
     sum_us: float = 0.0                          # the plain sum of the entries
 
@@ -95,8 +95,14 @@ class LatencyTable:
     def name(self) -> str:
         return str(self.header.get("name") or (self.path.stem if self.path else "table"))
 
-    def check_compatible(self, protocol: Protocol) -> None:
-        """Refuse a protocol whose backend/threads/batch/dtype differ; warn when software versions differ."""
+    def measured_elsewhere(self) -> str | None:
+        """The CPU this table was measured on when it is not this machine's (None: this CPU, or either unknown)."""
+        theirs, mine = self.header.get("device", {}).get("cpu_id"), cpu_id()
+        return theirs if theirs and mine and theirs != mine else None
+
+    def check_compatible(self, protocol: Protocol, cpu: bool = True) -> None:
+        """Refuse a protocol whose backend/threads/batch/dtype differ; warn when software versions (and with `cpu`,
+        the CPU) differ."""
         mine = self.header["protocol"]
         diffs = [f"{k}: table {mine.get(k)!r}, requested {getattr(protocol, k)!r}" for k in BINDING
                  if mine.get(k) != getattr(protocol, k)]
@@ -106,7 +112,7 @@ class LatencyTable:
                 f"carry over between backends, thread counts, batch sizes or dtypes: build a table for this setting "
                 f"with `nas lut build`")
         here = environment(protocol)
-        for k in ("torch", "onnxruntime", "cpu", "cpu_id"):
+        for k in ("torch", "onnxruntime") + (("cpu", "cpu_id") if cpu else ()):
             if k in self.header.get("device", {}) and k in here and self.header["device"][k] != here[k]:
                 log.warning("%s: measured with %s %r, running %r; predictions may be off (validate with "
                             "`nas lut validate`)", self.path or self.name, k, self.header["device"][k], here[k])
@@ -141,7 +147,10 @@ class LatencyTable:
                 f"latency table {self.path or self.name} has no entry for {len(missing)} op(s) of {arch.name!r}: "
                 f"{shown}. Add them with {' and '.join(fixes)}")
         total = sum(r[2] for r in rows)
-        return Prediction(total * self.scale, tuple(rows), total)
+        # The calibration is fitted on backbones, whose blocks are timed one by one; the neck+head entry is already
+        # one whole module timed end to end, so it is added unscaled (scaling it made detectors lean high).
+        neckhead = sum(r[2] for r in rows if r[0] == "neck+head")
+        return Prediction((total - neckhead) * self.scale + neckhead, tuple(rows), total)
 
     # ------------------------------------------------------------ measuring
     @classmethod

@@ -102,6 +102,12 @@ def _measured(arch: ArchSpec, head: HeadConfig | None, table: LatencyTable, tria
         # comparable with when other load slows this machine down now
         normalised = m.normalised(table.reference_us).value_us(protocol.statistic)
         info["measured_normalised_ms"] = round(normalised / 1e3, 4)
+    elsewhere = table.measured_elsewhere()
+    if elsewhere:
+        log.warning("trial %d: predicted %.2f ms by %s, measured on another CPU (%s); %.2f ms measured here now "
+                    "(%+.0f%%): for budgets that mean this machine, search with `nas search EXPERIMENT --adapt`",
+                    trial, now, table.path or table.name, elsewhere, info["measured_ms"],
+                    100 * (info["measured_ms"] / now - 1))
     return info
 
 

@@ -60,7 +60,7 @@ class Objective:
         self.exp = exp
         self.space = load_space(exp.space)
         self.table = LatencyTable.load(exp.table)
-        self.table.check_compatible(self.table.protocol)
+        self.table.check_compatible(self.table.protocol, cpu=False)  # the CPU: `search.hosttable` says it once
         self.head = exp.head
         if self.head is not None:
             self._check_detector_scope()
