@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nas.arch.headconfig import HeadConfig  # noqa: E402
-from nas.latency.adapt import adapt, target_protocol  # noqa: E402
+from nas.latency.adapt import target_protocol  # noqa: E402
 from nas.latency.environment import cpu_id  # noqa: E402
 from nas.latency.profile import measure_network  # noqa: E402
 from nas.latency.table import LatencyTable  # noqa: E402
@@ -36,19 +37,32 @@ def score(table: LatencyTable, archs, raws, statistic: str, head) -> dict:
     return {"normalised": accuracy(pred, normalised).to_json(), "raw": accuracy(pred, raw).to_json()}
 
 
-def calibrated(source: LatencyTable, space, protocol, n: int, head) -> tuple[LatencyTable, float]:
-    """The source with one global scale fitted on n networks measured here (what `nas lut calibrate` does)."""
+def calibrated(source: LatencyTable, space, protocol, n: int) -> tuple[LatencyTable, float]:
+    """The source with one global scale fitted on n backbones measured here (what `nas lut calibrate` does; the
+    scale multiplies a detector's backbone part)."""
     t0 = time.monotonic()
     table = copy.deepcopy(source)
     archs = calibration_archs(space, n)
     ratios = []
     for a in archs:
-        m = measure_network(a, protocol, head).normalised(table.reference_us).value_us(protocol.statistic)
-        ratios.append(m / table.predict(a, head).sum_us)
+        m = measure_network(a, protocol).normalised(table.reference_us).value_us(protocol.statistic)
+        ratios.append(m / table.predict(a).sum_us)
     ratios.sort()
     table.header["calibration"] = {"scale": round(ratios[len(ratios) // 2], 4), "archs": n, "seed": 0,
                                    "fitted": "benchmark"}
     return table, (time.monotonic() - t0) / 60
+
+
+def _adapt_in_own_process(args: argparse.Namespace, n: int, out: Path) -> LatencyTable:
+    """`nas lut adapt` as a user runs it: in a fresh process (its networks are timed before anything else), on the
+    CPUs this process may use."""
+    cmd = [sys.executable, "-m", "nas", "lut", "adapt", str(args.source.resolve()), "--space",
+           str(args.space.resolve()), "-n", str(n), "--out", str(out.resolve()), "--force", "--quiet"]
+    cmd += ["--backend", args.backend] if args.backend else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--detector"] if args.detector else []
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    return LatencyTable.load(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,13 +94,14 @@ def main(argv: list[str] | None = None) -> None:
               "held_out": {"n": len(archs), "seed": args.seed, "minutes": round((time.monotonic() - t0) / 60, 2)},
               "detector": args.detector, "rows": []}
     rows = result["rows"]
+    result["archs"] = [{"arch": a.name, "raw_us": round(r.value_us(protocol.statistic), 1),
+                        "reference_us": r.reference_us and round(r.reference_us, 1)} for a, r in zip(archs, raws)]
     rows.append({"predictor": "source as is", "minutes": 0.0, **score(source, archs, raws, protocol.statistic, head)})
-    table, minutes = calibrated(source, space, network, args.calibrate, head)
+    table, minutes = calibrated(source, space, network, args.calibrate)
     rows.append({"predictor": f"global scale ({args.calibrate} networks)", "minutes": round(minutes, 2),
                  **score(table, archs, raws, protocol.statistic, head)})
     for n in (int(x) for x in args.networks.split(",")):
-        adapted = adapt(source, space, protocol, n_networks=n, head=head, progress=False)
-        adapted.save(args.out / f"adapted_{n}.csv")
+        adapted = _adapt_in_own_process(args, n, args.out / f"adapted_{n}.csv")
         rows.append({"predictor": f"adapted ({n} networks)", "minutes": adapted.header["adaptation"]["minutes"],
                      "ops": adapted.header["adaptation"]["ops"], **score(adapted, archs, raws, protocol.statistic,
                                                                            head)})

@@ -19,3 +19,8 @@ class ConfigError(NasError, ValueError):
         self.message = message
         where = f"{self.source}: {field}" if field else self.source
         super().__init__(f"{where}: {message}")
+
+
+class NoSpaceError(NasError):
+    """A write refused for want of space (a full disk, a quota, the file size limit); the message names the file, the
+    cause and what to run once there is space again."""

@@ -1,13 +1,22 @@
-"""The process and the machine: usable CPUs, the user cache folder, a cross-process file lock, and malloc tuning
-(heap retention) for callers that ask for it."""
+"""The process and the machine: usable CPUs, the user cache folder, a cross-process file lock, files replaced
+atomically (and a full disk told in one line), and malloc tuning (heap retention) for callers that ask for it."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
 import platform
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO
+
+from nas.errors import NoSpaceError
+
+# A write refused for want of space, as the errno says it (EDQUOT: a disk quota; EFBIG: over the file size limit)
+NO_SPACE = {errno.ENOSPC: ("disk full", "ENOSPC"), errno.EFBIG: ("file too large / disk full", "EFBIG"),
+            errno.EDQUOT: ("disk quota exceeded", "EDQUOT")}
 
 
 def retain_heap() -> bool:
@@ -64,3 +73,59 @@ def cache_dir() -> Path:
     if os.environ.get("NAS_CACHE"):
         return Path(os.environ["NAS_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "nas"
+
+
+def no_space(e: BaseException | None) -> str | None:
+    """Why `e`, or an exception it wraps or was raised while handling, is a write refused for want of space, in a few
+    words; None for any other error. torch.save keeps the OSError only as its RuntimeError's context (when it writes to
+    a file object), and SQLite has no errno: a full disk is SQLITE_FULL, a refused write (over the file size limit)
+    an I/O error, SQLITE_IOERR_WRITE."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            words, code = NO_SPACE[e.errno]
+            return f"{words} ({code}{_size_limit()})"
+        name = getattr(e, "sqlite_errorname", None)
+        if name == "SQLITE_FULL":
+            return f"database or disk is full ({name}{_size_limit()})"
+        if name == "SQLITE_IOERR_WRITE":
+            return f"disk I/O error ({name}: a write refused, the disk full or a file over its size limit{_size_limit()})"
+        # SQLAlchemy keeps the driver's error as .orig; an error raised `from None` still has its context
+        e = getattr(e, "orig", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _size_limit() -> str:
+    """The file size limit of this process (ulimit -f), when it has one: a refused write may be that, not the disk."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return ""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return "" if soft == resource.RLIM_INFINITY else f"; ulimit -f: files of at most {soft} bytes"
+
+
+def write_atomically(path: str | Path, data: str | bytes | Callable[[IO[bytes]], None], what: str, fix: str) -> Path:
+    """Write `data` (text as UTF-8, bytes, or a function writing to a binary file) to PATH.tmp, then rename it over
+    `path`: a crash or a full disk never leaves half a file, and the previous one stays whole. A write refused for want
+    of space removes the temp file (it would only take space) and raises NoSpaceError: `path`, the cause, while `what`,
+    and `fix` (what to run once there is space again)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, p)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = no_space(e)
+        if reason is None:
+            raise
+        raise NoSpaceError(f"{p}: {reason} while {what}; {fix}") from e
+    return p

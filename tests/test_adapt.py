@@ -116,6 +116,7 @@ def test_untransferable_protocols_are_refused(tiny_table, change, field):
 def test_target_protocol():
     assert target_protocol(FAST, threads=2) == replace(FAST, threads=2)
     assert target_protocol(FAST, "onnxruntime-cpu").reference is False  # as the shipped ORT tables
+    assert target_protocol(FAST, "openvino-cpu").reference is False
     assert target_protocol(replace(FAST, backend="onnxruntime-cpu", reference=False), "torch-cpu").reference is True
     assert target_protocol(FAST, "onnxruntime-cpu", reference=True).reference is True
 

@@ -454,3 +454,19 @@ def test_augment_config_from_mapping_rejects_typos_and_ranges():
         AugmentConfig.from_mapping({"flip_lr": 0.5})
     with pytest.raises(ConfigError, match=r"fliplr: must be in \[0, 1.0\]"):
         AugmentConfig.from_mapping({"fliplr": 2})
+
+
+def test_fliplr_zero_never_mirrors_and_one_always_does(tmp_path):
+    """With every other augmentation off, fliplr 0 gives the plain letterboxed image and fliplr 1 its mirror image:
+    the setting that keeps digits, text and other handed objects the right way round."""
+    images = {"a.png": rect_image(64, 64, [(0, 4, 8, 20, 40), (1, 40, 30, 60, 60)])}
+    yaml_path = make_set(tmp_path, images)
+    still = dict(NO_COLOUR, translate=0.0, scale=0.0)
+    plain, _, _ = YoloDataset(yaml_path, "train", imgsz=64, augment=False)[0]
+    for fliplr, expect in ((0.0, plain), (1.0, torch.flip(plain, dims=[-1]))):
+        ds = YoloDataset(yaml_path, "train", imgsz=64, augment=True, mosaic=0.0, hyp=dict(still, fliplr=fliplr))
+        for epoch in range(4):
+            ds.set_epoch(epoch)
+            tensor, labels, _ = ds[0]
+            torch.testing.assert_close(tensor, expect, atol=0, rtol=0)
+            assert (labels[:, 1] > 0.5).tolist() == ([False, True] if fliplr == 0 else [True, False])

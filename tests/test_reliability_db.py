@@ -2,18 +2,14 @@
 (initdb + pg_ctl in a temporary folder, a free port), runs four workers, stops the server twice (fast, then immediate
 shutdown) for several seconds and starts it again. The workers wait, say so in one line per outage, reconnect and
 finish the study; the one told to give up sooner exits non-zero with one line saying so."""
-import glob
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
 import pytest
+import servers
 import yaml
 from optuna.trial import TrialState
 
@@ -24,72 +20,13 @@ OUTAGE_S = 10
 WAIT_S = 120
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-class PgServer:
-    """A throwaway PostgreSQL cluster in `root`, reachable on 127.0.0.1:`port` (trust auth, user postgres); run as
-    the postgres user when this process is root (initdb refuses root)."""
-
-    def __init__(self, bin_dir: Path, root: Path, port: int):
-        self.bin, self.root, self.port = bin_dir, root, port
-        self.data, self.log = root / "data", root / "server.log"
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        r = subprocess.run([*self.as_user, str(self.bin / args[0]), *args[1:]], check=False, capture_output=True,
-                           text=True, timeout=60)
-        if r.returncode:
-            raise RuntimeError(f"{' '.join(args)}: {r.stdout[-1500:]}{r.stderr[-1500:]}")
-
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "start", "-w", "-t", "30", "-D", str(self.data), "-l", str(self.log), "-o", opts)
-
-    def stop(self, mode: str) -> None:
-        self._run("pg_ctl", "stop", "-w", "-t", "30", "-m", mode, "-D", str(self.data))
-
-
 @pytest.fixture
 def pg_server():
-    bin_dir = _pg_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
-    if os.geteuid() == 0 and (shutil.which("runuser") is None or _no_user("postgres")):
-        pytest.skip("running as root, and no postgres user to run initdb as (initdb refuses root)")
-    root = Path(tempfile.mkdtemp(prefix="nas-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = PgServer(bin_dir, root, port)
-    server.init()
-    server.start()
-    try:
+    reason = servers.pg_missing()
+    if reason:
+        pytest.skip(reason)
+    with servers.pg_cluster() as server:
         yield server
-    finally:
-        try:
-            server.stop("immediate")
-        except RuntimeError:
-            pass  # already stopped (a failing test)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _no_user(name: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return True
-    return False
 
 
 def _complete(storage, study: str) -> dict[int, optuna.trial.FrozenTrial]:

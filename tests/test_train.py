@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -291,3 +292,32 @@ def test_train_command_passes_fast_path_strict_and_time_limit(monkeypatch):
         with pytest.raises(Stop):
             args.func(args)
         assert (seen[-1].channels_last, seen[-1].strict, seen[-1].time_limit_s) == want
+
+
+def test_augmentation_settings_reach_the_training_and_are_checked(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_train(cfg, on_epoch=None):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text("fliplr: 0.0\nmosaic: 0.5\nhsv_v: 0.2\n")
+    args = _parser().parse_args(["train", f"zoo:{ARCH}", "--quiet", "--hyp", str(hyp), "--hsv-v", "0.1"])
+    with pytest.raises(Stop):
+        args.func(args)
+    cfg = seen[-1]
+    assert (cfg.hyp.fliplr, cfg.hyp.hsv_v, cfg.mosaic, cfg.hyp.hsv_s) == (0.0, 0.1, 0.5, 0.7)  # file, flag, default
+    # recorded flat in args.yaml and checkpoints (ultralytics' names), and read back
+    d = cfg.to_dict()
+    assert d["fliplr"] == 0.0 and d["hsv_v"] == 0.1 and TrainConfig.from_dict(d).hyp == cfg.hyp
+    assert TrainConfig.from_dict({k: v for k, v in d.items() if k != "fliplr"}).hyp.fliplr == 0.5  # older runs
+    for argv, words in ((["--fliplr", "2"], "fliplr: must be in [0, 1.0]"),
+                        (["--hyp", str(tmp_path / "typo.yaml")], "flipLR")):
+        (tmp_path / "typo.yaml").write_text("flipLR: 0.0\n")
+        args = _parser().parse_args(["train", f"zoo:{ARCH}", "--quiet", *argv])
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            args.func(args)
+    with pytest.raises(ConfigError, match="mosaic"):
+        train(TrainConfig(arch=get_arch(ARCH), mosaic=1.5))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from nas.errors import ConfigError
+from nas.latency.protocol import BACKENDS
 
 
 def _protocol(args: argparse.Namespace):
@@ -15,7 +16,8 @@ def _protocol(args: argparse.Namespace):
 
     return Protocol(backend=args.backend, threads=args.threads, batch=args.batch, repeats=args.repeats,
                     min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu,
-                    reference=args.reference, statistic=args.statistic)
+                    reference=args.backend != "openvino-cpu" if args.reference is None else args.reference,
+                    statistic=args.statistic)
 
 
 def _head(args: argparse.Namespace):
@@ -56,6 +58,13 @@ def _ops_from(args: argparse.Namespace) -> list:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
+    from nas.latency.table import writing
+
+    with writing(args.out):  # a second build of the same file waits, then finds the table and refuses
+        _build(args)
+
+
+def _build(args: argparse.Namespace) -> None:
     from nas.latency.table import LatencyTable
 
     out = Path(args.out)
@@ -118,19 +127,22 @@ def _adaptation_line(table) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from nas.latency.table import LatencyTable
+    from nas.latency.table import LatencyTable, writing
 
-    table = LatencyTable.load(args.table)
-    _calibrate(table, args.space, args.num, args.quiet)
-    table.save(args.table)
+    with writing(args.table):  # not over entries another process adds meanwhile: it waits, we wait
+        table = LatencyTable.load(args.table)
+        _calibrate(table, args.space, args.num, args.quiet)
+        table.save(args.table)
 
 
 def cmd_extend(args: argparse.Namespace) -> None:
-    from nas.latency.table import LatencyTable
+    from nas.latency.table import LatencyTable, writing
 
-    table = LatencyTable.load(args.table)
-    table.check_compatible(table.protocol)
-    n = table.extend(_ops_from(args), path=args.table, progress=not args.quiet)
+    ops = _ops_from(args)
+    with writing(args.table):  # read under the lock: a second extend measures only what the first did not add
+        table = LatencyTable.load(args.table)
+        table.check_compatible(table.protocol)
+        n = table.extend(ops, path=args.table, progress=not args.quiet)
     print(f"{args.table}: {n} ops added, {len(table.entries)} in the table")
 
 
@@ -170,7 +182,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from nas.latency.table import LatencyTable
+    from nas.latency.table import LatencyTable, writing
     from nas.latency.validate import end_to_end, validate, validation_archs, write_report
     from nas.space import load_space
 
@@ -186,7 +198,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
             from nas.latency.coverage import neckhead_op
 
             ops += [neckhead_op(a, head) for a in archs]
-        table.extend(ops, path=args.table, progress=not args.quiet)
+        with writing(args.table):  # read again under the lock: another process may have added entries
+            table = LatencyTable.load(args.table)
+            table.extend(ops, path=args.table, progress=not args.quiet)
     protocol = end_to_end(table.protocol, args.repeats, args.min_time)
     report = validate(table, archs, protocol, progress=not args.quiet, head=_head(args))
     paths = write_report(report, args.out)
@@ -253,7 +267,8 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def _measuring(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement protocol")
-    g.add_argument("--backend", default="torch-cpu", help="torch-cpu | onnxruntime-cpu | torch-cuda (default torch-cpu)")
+    g.add_argument("--backend", default="torch-cpu", help=f"{' | '.join(BACKENDS)} (default torch-cpu; openvino-cpu "
+                                                          f"needs pip install 'hwnas-yolo[openvino]')")
     g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     g.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     g.add_argument("--repeats", type=int, default=20, help="minimum timed runs per op (default 20)")
@@ -261,8 +276,9 @@ def _measuring(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=3, help="minimum warm-up runs (default 3)")
     g.add_argument("--warmup-time", type=float, default=0.01, help="minimum warm-up seconds (default 0.01)")
     g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
-    g.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="don't time the reference workload alongside each op (no drift normalisation)")
+    g.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the reference workload alongside each op, to normalise machine-speed drift (default: on, "
+                        "off for openvino-cpu, whose tables track end-to-end runs only without it)")
     g.add_argument("--statistic", choices=("p10", "median"), default="p10",
                    help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
 
@@ -329,8 +345,7 @@ def _register_adapt(lut: argparse._SubParsersAction) -> None:
                                      "in minutes: a few hundred ops and networks measured, a fitted transfer")
     p.add_argument("table", type=Path, help="the source table (e.g. a shipped one, built on another CPU)")
     p.add_argument("--space", type=Path, required=True, help="search space whose ops to sample and measure")
-    p.add_argument("--backend", help="target backend: torch-cpu | onnxruntime-cpu | torch-cuda (default: the source "
-                                     "table's)")
+    p.add_argument("--backend", help=f"target backend: {' | '.join(BACKENDS)} (default: the source table's)")
     p.add_argument("--threads", type=int, help="target intra-op threads (default: the source table's)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                    help="time the reference workload alongside each op (default: as the source on its backend; "

@@ -28,6 +28,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
                                            "val_interval", "exist_ok", "threads", "strict", "channels_last",
                                            "time_limit_s")}
     kwargs = {k: v for k, v in given.items() if v is not None}
+    kwargs.update(_augmentation(args))
     if getattr(args, "from_run", None) is not None:
         cmd_compare(args, kwargs)
         return None
@@ -83,6 +84,27 @@ def _run_imgsz(run_dir: Path) -> int:
     return int(yaml.safe_load((run_dir / "args.yaml").read_text())["imgsz"])
 
 
+def _augmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """`hyp` and `mosaic` from --hyp FILE (a YAML mapping of ultralytics' names) and the per-field flags on top;
+    nothing when neither is given (a resume keeps the run's own)."""
+    from nas.config import load_yaml, require_mapping
+    from nas.detect.augment import AugmentConfig
+    from nas.detect.trainconfig import HYP_KEYS
+
+    values: dict[str, Any] = {}
+    if args.hyp:
+        values = dict(require_mapping(load_yaml(args.hyp), str(args.hyp), None))
+    values.update({k: getattr(args, k) for k in (*HYP_KEYS, "mosaic") if getattr(args, k) is not None})
+    if not values:
+        return {}
+    out: dict[str, Any] = {}
+    if "mosaic" in values:
+        out["mosaic"] = values.pop("mosaic")
+    if values:
+        out["hyp"] = AugmentConfig.from_mapping(values, str(args.hyp or "command line"))
+    return out
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     t = subparsers.add_parser(
         "train", help="train a YOLO detector on a backbone and report COCO mAP",
@@ -113,6 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--lr0", type=float, help="initial learning rate (default 0.01 for SGD, 0.001 for AdamW)")
     t.add_argument("--schedule", choices=("linear", "cosine"), help="LR decay to lr0*0.01 (default linear)")
     t.add_argument("--close-mosaic", type=int, dest="close_mosaic", help="last N epochs without mosaic (default 10)")
+    _augmentation_flags(t)
     t.add_argument("--val-interval", type=int, dest="val_interval", help="evaluate every N epochs (default 1)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")
     t.add_argument("--project", help="parent folder of runs (default runs/train)")
@@ -210,3 +233,21 @@ def cmd_compare(args: argparse.Namespace, train_kwargs: dict[str, Any]) -> list:
         if "tensorboard" in paths:
             print(f"TensorBoard: tensorboard --logdir {paths['tensorboard']} (images: compare/map_vs_latency)")
     return rows
+
+
+def _augmentation_flags(t: argparse.ArgumentParser) -> None:
+    from nas.detect.augment import AugmentConfig
+
+    d = AugmentConfig()
+    g = t.add_argument_group("augmentation (ultralytics' names and defaults)")
+    g.add_argument("--hyp", type=Path, metavar="FILE",
+                   help="YAML mapping of the fields below (e.g. {fliplr: 0.0, mosaic: 0.5}); flags override it")
+    g.add_argument("--mosaic", type=float, help="probability of a 4-image mosaic (default 1.0)")
+    g.add_argument("--fliplr", type=float, help=f"probability of a horizontal flip (default {d.fliplr}); 0 for "
+                                                "text, digits and other handed objects")
+    for name, what in (("hsv_h", "hue shift, fraction of the colour circle"), ("hsv_s", "saturation gain range"),
+                       ("hsv_v", "value gain range"), ("degrees", "rotation range, degrees"),
+                       ("translate", "shift range, fraction of the size"), ("scale", "zoom range (1 ± scale)"),
+                       ("shear", "shear range, degrees")):
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float,
+                       help=f"{what} (default {getattr(d, name)})")

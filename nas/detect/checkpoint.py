@@ -16,6 +16,7 @@ from nas.arch.detector import Detector
 from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import dumps_arch, loads_arch
 from nas.errors import NasError
+from nas.system import write_atomically
 
 FORMAT = "nas/checkpoint@1"
 META_KEYS = ("arch_yaml", "num_classes", "neck", "width", "depth", "reg_max")  # what detector_from_meta reads
@@ -67,14 +68,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((r["version"], tuple(r["state"]), r["gauss"]))
 
 
-def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
-    """Write atomically (temp file + rename), so an interrupted save never leaves a truncated last.pt."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    torch.save({"format": FORMAT, **ckpt}, tmp)
-    tmp.replace(p)
-    return p
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path, fix: str = "free space and save it again") -> Path:
+    """Write atomically (temp file + rename), so an interrupted save never leaves a truncated last.pt; a full disk is
+    a NasError naming the file, the cause and `fix`, and the previous checkpoint stays whole."""
+    # torch.save into an open file, not a path: its RuntimeError then keeps the OSError (EFBIG, ENOSPC) as context
+    return write_atomically(path, lambda f: torch.save({"format": FORMAT, **ckpt}, f), "saving the checkpoint", fix)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -3,18 +3,20 @@ refused with one line naming the file and the fix when it is damaged or edited."
 from __future__ import annotations
 
 import csv
+import io
+import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nas.arch.spec import loads_arch
+from nas.arch.spec import dumps_arch, loads_arch
 from nas.detect.checkpoint import load_checkpoint
 from nas.detect.optim import planned_epochs
 from nas.detect.trainconfig import RUNTIME_FIELDS, TrainConfig
-from nas.errors import ConfigError, NasError
-from nas.system import exclusive_lock
+from nas.errors import ConfigError, NasError, NoSpaceError
+from nas.system import exclusive_lock, no_space, write_atomically
 
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 CSV_FIELDS = ("epoch", *(f"train/{n}" for n in LOSS_NAMES), "lr/pg0", "lr/pg1", "lr/pg2", "map50", "map50_95",
@@ -25,6 +27,8 @@ RESUME_KEYS = {"epoch": int, "best_fitness": (int, float), "best_epoch": int, "e
 # args.yaml fields a resume may differ in: runtime settings, and where the run lives
 ARGS_FREE = (*RUNTIME_FIELDS, "resume", "project", "name", "exist_ok")
 LOCK_NAME = "train.lock"  # held (an OS lock: gone with its process) by the training writing the folder
+TB_TAGS = {"map50": "metrics/mAP50", "map50_95": "metrics/mAP50-95", "fitness": "metrics/fitness",
+           "time": "time/epoch", "val_time": "time/val"}
 
 
 def hold_run_dir(run_dir: Path, held: ExitStack) -> None:
@@ -46,14 +50,66 @@ def unique_dir(project: Path, name: str) -> Path:
     return d
 
 
+def full_disk_fix(run_dir: Path) -> str:
+    """What to run after a write in `run_dir` was refused for want of space: the resume, which continues after the
+    last checkpoint whole on disk (results.csv rows past it are dropped and trained again)."""
+    if not (run_dir / "weights" / "last.pt").is_file():
+        return f"free space and start the training again (no epoch of {run_dir} was saved)"
+    return (f"free space, then `nas train --resume --project {run_dir.parent} --name {run_dir.name}` continues "
+            "after the last saved epoch")
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")  # temp file + rename: a kill mid-write must not truncate the history
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-    tmp.replace(path)
+    out = io.StringIO(newline="")
+    w = csv.DictWriter(out, CSV_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    # temp file + rename: a kill or a full disk mid-write must not truncate the history
+    write_atomically(path, out.getvalue(), "writing the training history", full_disk_fix(path.parent))
+
+
+def open_run_folder(run_dir: Path, cfg: TrainConfig) -> Any:
+    """Write args.yaml (what a resume checks) and arch.yaml, each replaced whole or not at all; returns the
+    TensorBoard writer of the run (None without cfg.tensorboard)."""
+    fix = full_disk_fix(run_dir)
+    write_atomically(run_dir / "args.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False), "writing args.yaml", fix)
+    write_atomically(run_dir / "arch.yaml", dumps_arch(cfg.arch), "writing arch.yaml", fix)
+    if not cfg.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+    return SummaryWriter(str(run_dir))
+
+
+def log_epoch(writer: Any, row: dict[str, Any], run_dir: Path) -> None:
+    """An epoch's results.csv row as TensorBoard scalars (none without a writer), flushed. A full disk is a NasError
+    naming the events file (TensorBoard's writer thread meets it first and dies; its flush raises the error here)."""
+    if writer is None:
+        return
+    try:
+        for k, v in row.items():
+            if k != "epoch" and math.isfinite(v):
+                writer.add_scalar(TB_TAGS.get(k, k), v, row["epoch"])
+        writer.flush()
+    except Exception as e:
+        reason = no_space(e)
+        if reason is None:
+            raise
+        events = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None) or run_dir
+        raise NoSpaceError(f"{events}: {reason} while writing TensorBoard events; {full_disk_fix(run_dir)}") from e
+
+
+def close_writer(writer: Any) -> None:
+    """Close the TensorBoard writer (if any). After a full disk its thread is dead and close raises that error once
+    more: it was reported already (log_epoch), and must not hide the error the training stops with."""
+    if writer is None:
+        return
+    try:
+        writer.close()
+    except Exception as e:
+        if no_space(e) is None:
+            raise
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

@@ -15,13 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from nas.arch.detector import Detector
-from nas.arch.spec import save_arch
 from nas.detect.checkpoint import model_meta, rng_state, save_checkpoint, set_rng_state
 from nas.detect.data import DataConfig, YoloDataset, collate, load_data_config
 from nas.detect.device import broadcast, resolve_channels_last, resolve_device
@@ -29,13 +27,22 @@ from nas.detect.digits import ensure_digits
 from nas.detect.evaluate import evaluate
 from nas.detect.loss import DetectionLoss
 from nas.detect.optim import ModelEMA, build_optimizer, lr_lambda, planned_epochs, reschedule
-from nas.detect.runfolder import LOSS_NAMES, hold_run_dir, open_resume, resume_dir, resume_fix, unique_dir, write_csv
+from nas.detect.runfolder import (
+    LOSS_NAMES,
+    close_writer,
+    full_disk_fix,
+    hold_run_dir,
+    log_epoch,
+    open_resume,
+    open_run_folder,
+    resume_dir,
+    resume_fix,
+    unique_dir,
+    write_csv,
+)
 from nas.detect.trainconfig import TrainConfig, TrainResult, check_config
 from nas.errors import NasError
 from nas.system import cache_dir, retain_heap, usable_cpus
-
-TB_TAGS = {"map50": "metrics/mAP50", "map50_95": "metrics/mAP50-95", "fitness": "metrics/fitness",
-           "time": "time/epoch", "val_time": "time/val"}
 
 
 class TrainingDiverged(NasError):
@@ -110,7 +117,8 @@ class _Run:
 
 def _loaders(cfg: TrainConfig, data: DataConfig, world: int, rank: int, device: torch.device
              ) -> tuple[YoloDataset, DistributedSampler, DataLoader, torch.Generator, DataLoader | None]:
-    train_ds = YoloDataset(data, "train", cfg.imgsz, augment=True, mosaic=cfg.mosaic, strict=cfg.strict, seed=cfg.seed)
+    train_ds = YoloDataset(data, "train", cfg.imgsz, augment=True, mosaic=cfg.mosaic, strict=cfg.strict, hyp=cfg.hyp,
+                           seed=cfg.seed)
     # one sampler for 1 or N processes: the order is a pure function of (seed, epoch), so a resumed run repeats it
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     per_rank = max(cfg.batch // world, 1)
@@ -195,12 +203,7 @@ def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int, held: ExitS
         r.train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if main:
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        save_arch(cfg.arch, run_dir / "arch.yaml")
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
-
-            r.writer = SummaryWriter(str(run_dir))
+        r.writer = open_run_folder(run_dir, cfg)
     return r
 
 
@@ -311,18 +314,14 @@ def _evaluate_and_save(r: _Run, epoch: int, epochs: int, mloss: torch.Tensor, lr
                "fitness": fit if metrics else float("nan"), "time": train_time + val_time, "val_time": val_time}
         r.history.append(row)
         write_csv(r.run_dir / "results.csv", r.history)
-        if r.writer is not None:
-            for k, v in row.items():
-                if k != "epoch" and math.isfinite(v):
-                    r.writer.add_scalar(TB_TAGS.get(k, k), v, epoch + 1)
-            r.writer.flush()
+        log_epoch(r.writer, row, r.run_dir)
         improved = bool(metrics) and fit > r.best_fitness
         if improved:
             r.best_fitness, r.best_epoch = fit, epoch + 1
         ckpt = _checkpoint(r, row)
-        save_checkpoint(ckpt, r.run_dir / "weights" / "last.pt")
-        if improved:
-            save_checkpoint(ckpt, r.run_dir / "weights" / "best.pt")
+        if improved:  # before last.pt: a failed save (a full disk) leaves last.pt at the epoch before, whose resume
+            save_checkpoint(ckpt, r.run_dir / "weights" / "best.pt", full_disk_fix(r.run_dir))  # writes both again
+        save_checkpoint(ckpt, r.run_dir / "weights" / "last.pt", full_disk_fix(r.run_dir))
         r.final = row
         if on_epoch is not None:
             try:
@@ -387,8 +386,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
                            seconds=time.time() - t_start, stopped=stopped, **summary)
     finally:
         torch.set_num_threads(threads)
-        if r is not None and r.writer is not None:
-            r.writer.close()
+        if r is not None:
+            close_writer(r.writer)
         held.close()
         if own_group:
             dist.destroy_process_group()

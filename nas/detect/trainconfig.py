@@ -9,12 +9,14 @@ from typing import Any, Mapping
 from nas.arch.detector import check_detector
 from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
+from nas.detect.augment import AugmentConfig
 from nas.errors import ConfigError
 
 # may change when a run is resumed (they change speed or checking, not what is learned)
 RUNTIME_FIELDS = ("device", "workers", "threads", "progress", "tensorboard", "channels_last", "strict", "retain_heap")
 # the head's fields as flat keys in args.yaml and checkpoints (as before `head` existed); classes come from the data
 HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name != "num_classes")
+HYP_KEYS = tuple(f.name for f in fields(AugmentConfig))  # augmentation strengths, flat too (ultralytics' names)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class TrainConfig:
     amp: bool = True              # mixed precision, used on CUDA only
     mosaic: float = 1.0
     close_mosaic: int = 10        # last N epochs without mosaic
+    # flips, HSV, affine: fliplr 0 for handed objects (text, digits, road signs), whose mirror image is another class
+    hyp: AugmentConfig = field(default_factory=AugmentConfig)
     val_interval: int = 1         # evaluate every N epochs (and always after the last)
     seed: int = 0
     project: str = "runs/train"
@@ -73,6 +77,8 @@ class TrainConfig:
         for f in fields(self):
             if f.name == "head":
                 d.update({k: getattr(self.head, k) for k in HEAD_KEYS})
+            elif f.name == "hyp":
+                d.update({k: getattr(self.hyp, k) for k in HYP_KEYS})
             elif f.name != "arch":
                 d[f.name] = getattr(self, f.name)
         d["arch"] = self.arch.name if self.arch is not None else None
@@ -81,10 +87,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **given: Any) -> TrainConfig:
         """A config from `to_dict`'s keys (unknown keys ignored, e.g. `arch`), overridden by `given`."""
-        known = {f.name for f in fields(cls)} - {"arch", "head"}
+        known = {f.name for f in fields(cls)} - {"arch", "head", "hyp"}
         kw = {k: v for k, v in d.items() if k in known}
         head = HeadConfig(**{k: d[k] for k in HEAD_KEYS if k in d})
-        return cls(**{**kw, "head": head, **given})
+        hyp = AugmentConfig(**{k: d[k] for k in HYP_KEYS if k in d})  # runs from before: the defaults they used
+        return cls(**{**kw, "head": head, "hyp": hyp, **given})
 
 
 @dataclass
@@ -123,6 +130,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(src, "lr0", f"must be positive, got {cfg.lr0!r}")
     if not 0 < cfg.lrf <= 1:
         raise ConfigError(src, "lrf", f"must be in (0, 1], got {cfg.lrf!r}")
+    if isinstance(cfg.mosaic, bool) or not isinstance(cfg.mosaic, (int, float)) or not 0 <= cfg.mosaic <= 1:
+        raise ConfigError(src, "mosaic", f"must be a probability in [0, 1], got {cfg.mosaic!r}")
+    if not isinstance(cfg.hyp, AugmentConfig):
+        raise ConfigError(src, "hyp", f"must be an AugmentConfig, got {type(cfg.hyp).__name__}")
+    AugmentConfig.from_mapping({k: getattr(cfg.hyp, k) for k in HYP_KEYS}, src)  # the bounds, named per field
     if cfg.workers < 0 or cfg.close_mosaic < 0 or cfg.warmup_epochs < 0:
         raise ConfigError(src, "workers/close_mosaic/warmup_epochs", "must not be negative")
     limit = cfg.time_limit_s

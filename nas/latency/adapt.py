@@ -18,7 +18,7 @@ from nas.errors import ConfigError
 from nas.latency.coverage import TableOp, arch_ops, key_of, space_neckhead_ops
 from nas.latency.environment import cpu_id
 from nas.latency.profile import measure_network
-from nas.latency.protocol import Protocol, check_int
+from nas.latency.protocol import ONNX_BACKENDS, Protocol, check_int
 from nas.latency.table import Entry, LatencyTable
 from nas.latency.transfer import Transfer, fit_transfer, sample_ops
 from nas.latency.validate import accuracy, calibration_archs, end_to_end, fit_calibration, validation_archs
@@ -46,11 +46,11 @@ def check_transferable(source: LatencyTable, protocol: Protocol) -> None:
 def target_protocol(source: Protocol, backend: str | None = None, threads: int | None = None,
                     reference: bool | None = None) -> Protocol:
     """The source's protocol with another backend or thread count. The reference workload follows the source on
-    the same backend, else the shipped tables' choice: on for torch, off for ONNX Runtime (after an ORT call the
-    reference's time depends on what ran before it)."""
+    the same backend, else the shipped tables' choice: on for torch, off for the ONNX runtimes (after an ORT call the
+    reference's time depends on what ran before it; OpenVINO single ops tracked networks without it)."""
     backend = backend or source.backend
     if reference is None:
-        reference = source.reference if backend == source.backend else backend != "onnxruntime-cpu"
+        reference = source.reference if backend == source.backend else backend not in ONNX_BACKENDS
     return dataclasses.replace(source, backend=backend, threads=threads or source.threads, reference=reference)
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nas.latency.onnx import import_ort
+from nas.latency.openvino import openvino_version
 from nas.latency.protocol import Protocol
 
 if TYPE_CHECKING:
@@ -77,6 +78,11 @@ def environment(protocol: Protocol) -> dict[str, Any]:
             import onnxscript
 
             env["onnxscript"] = onnxscript.__version__
+    if protocol.backend == "openvino-cpu":
+        import onnx
+
+        env["openvino"] = openvino_version()
+        env["onnx"] = onnx.__version__
     if protocol.backend == "torch-cuda":
         env["cuda"] = torch.version.cuda
         if torch.cuda.is_available():

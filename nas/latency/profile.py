@@ -14,8 +14,9 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,12 +27,9 @@ from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.errors import ConfigError, NasError
 from nas.latency.onnx import eval_mode, export_onnx, import_ort, ort_session
-from nas.latency.protocol import PROTOCOL_SOURCE, Measurement, Protocol, Shape, Shapes, check_int
+from nas.latency.openvino import check_openvino_cpu, openvino_runner
+from nas.latency.protocol import ONNX_BACKENDS, PROTOCOL_SOURCE, Measurement, Protocol, Shape, Shapes, check_int
 from nas.system import retain_heap as _retain_heap
-
-if TYPE_CHECKING:
-    pass
-
 
 # --- the timing machinery ---------------------------------------------------------------------------------------
 
@@ -58,6 +56,8 @@ def _check_backend_available(protocol: Protocol) -> None:
         )
     if protocol.backend == "onnxruntime-cpu":
         import_ort()
+    if protocol.backend == "openvino-cpu":
+        check_openvino_cpu()
 
 
 @contextlib.contextmanager
@@ -100,15 +100,31 @@ def _on(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
     return copy.deepcopy(module).to(device=device, dtype=dtype)
 
 
+def _ort_runner(path: Path, xs: tuple[torch.Tensor, ...], protocol: Protocol) -> Callable[[], Any]:
+    session = ort_session(path, protocol)
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
+    return lambda: session.run(None, feed)
+
+
+def _openvino_runner(path: Path, xs: tuple[torch.Tensor, ...], protocol: Protocol) -> Callable[[], Any]:
+    return openvino_runner(path, [x.numpy() for x in xs], protocol)
+
+
+# One runner per runtime of the ONNX export (protocol.ONNX_BACKENDS): another runtime is one more entry.
+_ONNX_RUNNERS: Mapping[str, Callable[[Path, tuple[torch.Tensor, ...], Protocol], Callable[[], Any]]] = {
+    "onnxruntime-cpu": _ort_runner,
+    "openvino-cpu": _openvino_runner,
+}
+
+
 def _make_runner(module: nn.Module, shapes: Shapes, protocol: Protocol, onnx_path: Path) -> Callable[[], Any]:
     """One synchronous inference per call on one input per shape; `module` must already be in eval mode.
     `onnx_path`: where to export."""
     gen = torch.Generator().manual_seed(protocol.seed)
     xs = tuple(torch.randn((protocol.batch, *shape), generator=gen) for shape in shapes)
-    if protocol.backend == "onnxruntime-cpu":
-        session = ort_session(export_onnx(module, xs, onnx_path, opset=protocol.onnx_opset, exporter=protocol.onnx_exporter), protocol)
-        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
-        return lambda: session.run(None, feed)
+    if protocol.backend in ONNX_BACKENDS:
+        path = export_onnx(module, xs, onnx_path, opset=protocol.onnx_opset, exporter=protocol.onnx_exporter)
+        return _ONNX_RUNNERS[protocol.backend](path, xs, protocol)
     if protocol.backend == "torch-cuda":
         dtype = torch.float16 if protocol.dtype == "fp16" else torch.float32
         model = _on(module, torch.device("cuda"), dtype)

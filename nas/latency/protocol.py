@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from nas.errors import ConfigError, NasError
 
-if TYPE_CHECKING:
-    pass
+BACKENDS = ("torch-cpu", "onnxruntime-cpu", "torch-cuda", "openvino-cpu")
 
 
-BACKENDS = ("torch-cpu", "onnxruntime-cpu", "torch-cuda")
+ONNX_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")  # runtimes that run the one ONNX export of the measured module
 
 
 DTYPES = ("fp32", "fp16")
@@ -144,6 +144,9 @@ class Protocol:
             parts.append("reference workload interleaved")
         if self.backend == "onnxruntime-cpu":
             parts.append(f"ONNX opset {self.onnx_opset} via the {self.onnx_exporter} exporter, ORT_ENABLE_ALL")
+        if self.backend == "openvino-cpu":
+            parts.append(f"ONNX opset {self.onnx_opset} via the {self.onnx_exporter} exporter, OpenVINO CPU with the "
+                         f"LATENCY hint, 1 stream, f32 inference precision, NHWC at the model's ends")
         return "; ".join(parts)
 
 

@@ -14,9 +14,10 @@ import io
 import logging
 import math
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -30,6 +31,7 @@ from nas.latency.environment import cpu_id, environment
 from nas.latency.header import check_header_records
 from nas.latency.profile import measure, reference_speed
 from nas.latency.protocol import Protocol
+from nas.system import exclusive_lock, write_atomically
 
 FORMAT = "nas/lut@1"
 COLUMNS = ("op", "median_us", "p10_us", "p90_us", "n")
@@ -112,7 +114,7 @@ class LatencyTable:
                 f"carry over between backends, thread counts, batch sizes or dtypes: build a table for this setting "
                 f"with `nas lut build`")
         here = environment(protocol)
-        for k in ("torch", "onnxruntime") + (("cpu", "cpu_id") if cpu else ()):
+        for k in ("torch", "onnxruntime", "openvino") + (("cpu", "cpu_id") if cpu else ()):
             if k in self.header.get("device", {}) and k in here and self.header["device"][k] != here[k]:
                 log.warning("%s: measured with %s %r, running %r; predictions may be off (validate with "
                             "`nas lut validate`)", self.path or self.name, k, self.header["device"][k], here[k])
@@ -217,11 +219,9 @@ class LatencyTable:
         return out.getvalue()
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.dumps())
-        tmp.replace(p)  # atomic: a crash mid-write never leaves half a table
+        # temp file + rename: a crash or a full disk mid-write never leaves half a table, the previous one stays whole
+        p = write_atomically(path, self.dumps(), f"saving the latency table ({len(self.entries)} ops)",
+                             "free space and run the same command again: it measures only the ops still missing")
         self.path = p
         return p
 
@@ -327,6 +327,22 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, unit="op", dynamic_ncols=True)
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Hold TABLE.lock while this process reads, measures into and saves TABLE: a second `nas lut build/extend` of
+    the same file waits (one line says so) and then reads what the first saved, so no entry is lost; measuring one
+    after the other also keeps each from skewing the other's timings. The OS drops the lock with a dead process."""
+    p = Path(path)
+    lock = p.with_name(p.name + ".lock")
+    with ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(lock, wait=False))
+        except BlockingIOError:
+            log.warning("waiting for another process writing %s (it holds %s)", p, lock)
+            held.enter_context(exclusive_lock(lock))
+        yield
 
 
 def import_csv(csv_path: str | Path, header: Mapping[str, Any], *, source_name: str | None = None) -> LatencyTable:

@@ -2,7 +2,6 @@
 (sampled choices against metrics) and the final front's arch YAMLs, written to RUN/tb by an Optuna callback."""
 from __future__ import annotations
 
-import datetime
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -11,9 +10,11 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.errors import NoSpaceError
 from nas.report.baselines import BASELINES_ATTR, Baseline, zoo_baselines
 from nas.report.figures import figure_to_array, pareto_figure
 from nas.report.fronts import default_reference, front, hypervolume, knee, trial_points
+from nas.system import no_space
 
 METRICS = ("hparam/score", "hparam/predicted_ms", "hparam/params", "hparam/macs", "hparam/feasible")
 
@@ -38,10 +39,8 @@ class TensorBoardLogger:
         self.exp = exp
         self.dir = Path(log_dir) if log_dir else exp.run_dir / "tb"
         self.every = max(1, every or getattr(exp, "tensorboard_every", 25) or 25)
-        # A resumed search appends to the same folder: trials that finished before this logger existed were logged
-        # by the previous run and are not logged twice.
+        # A resumed search appends to the same folder: trials the previous run logged are not logged twice.
         self._resumed = any(self.dir.glob("events.out.tfevents.*"))
-        self._created = datetime.datetime.now()  # Optuna stores naive local times
         self.writer = SummaryWriter(str(self.dir))
         self._logged: set[int] = set()
         self._started = False
@@ -73,20 +72,32 @@ class TensorBoardLogger:
             return
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - logging must never cost a search its results
+        except Exception as e:  # logging must never cost a search its results
+            reason = no_space(e)
+            if reason is not None:  # the study's own writes fail next: stop now, in one line; the re-run logs the rest
+                events = getattr(self.writer.file_writer.event_writer, "_file_name", self.dir)
+                raise NoSpaceError(f"{events}: {reason} while writing TensorBoard events; free space and run the same "
+                                   "command again: it resumes, and logs the trials missing here") from e
             self._broken = True
             first = (str(e).splitlines() or [""])[0][:200]  # one line, whatever the exception holds
             log.warning("TensorBoard logging to %s stopped: %s: %s; the search goes on, and `nas pareto %s` draws "
                         "the front when it ends", self.dir, type(e).__name__, first, self.exp.run_dir)
 
     # ------------------------------------------------------------ logging
+    def _logged_before(self) -> set[int]:
+        """Trials whose scalars the folder's event files hold: read back, as the previous run may have stopped before
+        it logged every finished trial (a full disk, a kill). A record cut short at a file's end is skipped."""
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        return {ev.step for f in self.dir.glob("events.out.tfevents.*") for ev in EventFileLoader(str(f)).Load()
+                if any(v.tag == "trial/feasible" for v in ev.summary.value)}  # a trial's last scalar
+
     def update(self, study: optuna.Study, final: bool = False) -> None:
         trials = study.get_trials(deepcopy=False, states=FINISHED)
         if not self._started:
             self._started = True
             if self._resumed:
-                self._logged.update(t.number for t in trials
-                                    if t.datetime_complete and t.datetime_complete < self._created)
+                self._logged.update(self._logged_before())
         for t in sorted((t for t in trials if t.number not in self._logged), key=lambda t: t.number):
             self._log_trial(t)
             self._logged.add(t.number)

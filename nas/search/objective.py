@@ -15,7 +15,8 @@ from nas.detect.short import ShortSchedule, short_train
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import extend_command, space_neckhead_ops
 from nas.latency.table import LatencyTable, LatencyTableError
-from nas.search.storage import WORKER_ATTR, outage, pause_here, worker_id
+from nas.search.outage import outage
+from nas.search.storage import WORKER_ATTR, pause_here, worker_id
 from nas.space import load_space, trial_chooser
 from nas.system import usable_cpus
 
@@ -132,11 +133,12 @@ class Objective:
 
     def _refuse_surplus(self, trial: optuna.Trial) -> None:
         """Trial numbers are handed out atomically by the storage: a trial preceded by `trials` others that
-        finished or are running (failed ones are retried, so they don't count) is one too many."""
+        finished or are running (failed ones are retried, so they don't count) is one too many. Waiting ones count:
+        a dead worker's retry, queued just before this trial was created, runs whatever this one does."""
         from optuna.trial import TrialState
 
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                TrialState.RUNNING))
+                                                                TrialState.RUNNING, TrialState.WAITING))
         if sum(t.number < trial.number for t in ahead) >= self.exp.trials:
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", "surplus: the study had its trials when this one started")

@@ -1,16 +1,14 @@
-"""Optuna storages: SQLite (fast pragmas), any SQLAlchemy URL, journal file, Redis journal; heartbeats, masked
-passwords, and the failure and retry of trials whose worker died."""
+"""Optuna storages: SQLite (fast pragmas), any SQLAlchemy URL, journal file, Redis journal; heartbeats, and the
+failure and retry of trials whose worker died (outages: nas.search.outage; journal backends: nas.search.journal)."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
 import os
-import re
 import signal
 import socket
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -22,7 +20,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import NasError
-from nas.system import exclusive_lock
+from nas.search.journal import FileJournal, JournalLock, RedisJournal
+from nas.search.outage import mask_url, quiet_lost_connections, steady_heartbeats
 
 logger = logging.getLogger(__name__)
 
@@ -44,53 +43,50 @@ WORKER_ATTR = "nas:worker"  # host:pid of the process running a trial: who to as
 PAUSE_ENV = "NAS_TEST_PAUSE_AT"  # test hook, inert unless set: the worker SIGSTOPs itself at that point of a trial
 
 
-def mask_url(url: str) -> str:
-    """Hide the password of a storage URL: postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
-    return re.sub(r"(://[^:/@]+:)[^@]*(@)", r"\1***\2", url)
-
-
 def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> optuna.storages.BaseStorage:
     """SQLAlchemy URLs get heartbeats every `heartbeat_s` (a trial silent for `grace_s` is failed and retried);
     journal:///FILE and redis://HOST give journal storages, which parallel workers on one machine (file) or many
     (Redis) can share."""
     storage, lock = _open_storage(url, heartbeat_s, grace_s)
     if isinstance(storage, optuna.storages.RDBStorage):
-        _steady_heartbeats(storage)
-        rdb_logger = logging.getLogger("optuna.storages._rdb.storage")
-        if not any(isinstance(f, _LostConnectionNotice) for f in rdb_logger.filters):
-            rdb_logger.addFilter(_LostConnectionNotice())
+        steady_heartbeats(storage)
+        quiet_lost_connections()
     if os.environ.get(PAUSE_ENV):
         _install_pauses(storage, os.environ[PAUSE_ENV], lock)
     return storage
 
 
 def _open_storage(url: str, heartbeat_s: int, grace_s: int) -> tuple[optuna.storages.BaseStorage, Any]:
-    """(the storage, the journal file's lock or None)."""
-    if url.startswith("journal://"):
-        from optuna.storages.journal import JournalFileBackend
+    """(the storage, the journal file's lock or None); any failure as one line, password masked, its cause chained
+    (a server that is down: nas.search.outage.connect waits for it)."""
+    try:
+        return _open(url, heartbeat_s, grace_s)
+    except NasError:
+        raise
+    except Exception as e:  # a bad URL, a server that is down, a missing driver
+        raise NasError(f"storage {mask_url(url)}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                       .replace(url, mask_url(url))) from e
 
-        path = Path(url.removeprefix("journal://"))
+
+def _open(url: str, heartbeat_s: int, grace_s: int) -> tuple[optuna.storages.BaseStorage, Any]:
+    if url.startswith("journal://"):
+        path = Path("/" + url.removeprefix("journal://").lstrip("/"))  # journal:////abs/path as /abs/path
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = JournalLock(path.with_name(path.name + ".flock")) if os.name == "posix" else None
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock)), lock
+        return optuna.storages.JournalStorage(FileJournal(str(path), lock_obj=lock)), lock
     if url.startswith("redis://"):
-        from optuna.storages.journal import JournalRedisBackend
-
-        return optuna.storages.JournalStorage(JournalRedisBackend(url)), None
+        with quiet_experimental():  # JournalRedisBackend is marked experimental; stable since Optuna 3.1
+            return optuna.storages.JournalStorage(RedisJournal(url)), None
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with quiet_experimental():
-            storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=MAX_RETRY),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
-        if url.startswith("sqlite"):
-            _fast_sqlite(storage)
-        return storage, None
-    except Exception as e:  # noqa: BLE001 - bad URL, server down, missing driver: one line, password masked
-        raise NasError(f"storage {mask_url(url)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}".replace(
-            url, mask_url(url))) from None
+    with quiet_experimental():
+        storage = optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+            heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=MAX_RETRY),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    if url.startswith("sqlite"):
+        _fast_sqlite(storage)
+    return storage, None
 
 
 @contextlib.contextmanager
@@ -114,117 +110,6 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
 
     event.listen(storage.engine, "connect", on_connect)
     storage.engine.dispose()  # reconnect so every pooled connection gets the pragmas
-
-
-class JournalLock:
-    """The journal file's lock as an OS lock (flock): it goes with its holder, so a worker killed while writing
-    leaves no lock behind. Optuna's default, a symlink, outlives a SIGKILL and stalls every other worker 30 s."""
-
-    def __init__(self, path: Path):
-        self.path, self._held = path, contextlib.ExitStack()
-
-    def acquire(self) -> bool:
-        self._held.enter_context(exclusive_lock(self.path))
-        return True
-
-    def release(self) -> None:
-        self._held.close()
-
-
-def _steady_heartbeats(storage: optuna.storages.RDBStorage) -> None:
-    """A heartbeat that fails because the server is away is skipped, not fatal: Optuna's heartbeat thread would die
-    with a traceback, and a trial still running after the outage would then look dead to every other worker."""
-    beat = storage.record_heartbeat
-
-    def record_heartbeat(trial_id: int) -> None:
-        try:
-            beat(trial_id)
-        except Exception as e:  # only outages are skipped; the next beat comes heartbeat_s later
-            if outage(e) is None:
-                raise
-            logger.debug("heartbeat of trial %d skipped: storage unreachable", trial_id)
-
-    storage.record_heartbeat = record_heartbeat
-
-
-class _LostConnectionNotice(logging.Filter):
-    """Drops Optuna's multi-line "Caught an error from sqlalchemy ... Falling back" notice when the error is a lost
-    connection: the fallback query fails the same way, and the worker then says so in one line (Reconnect)."""
-
-    WORDS = ("closed the connection", "connection refused", "terminating connection", "could not connect",
-             "connection failed", "server closed")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith("Caught an error from sqlalchemy") and any(w in msg.lower() for w in self.WORDS))
-
-
-def outage(e: BaseException) -> str | None:
-    """One line on why the storage is unreachable if `e` (or an exception it wraps: Optuna wraps a failed commit in
-    StorageInternalError) is a lost connection to the database or Redis server; None for any other error."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if _connection_error(e):
-            return f"{type(e).__name__}: {(str(getattr(e, 'orig', None) or e).strip().splitlines() or [''])[0][:200]}"
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _connection_error(e: BaseException) -> bool:
-    try:
-        from sqlalchemy import exc
-    except ImportError:  # pragma: no cover - a dependency of Optuna's RDB storage
-        exc = None
-    if exc is not None and isinstance(e, (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)):
-        return True
-    if exc is not None and isinstance(e, exc.DBAPIError) and e.connection_invalidated:
-        return True
-    # Redis journals: redis.exceptions.ConnectionError / TimeoutError, without importing redis when unused
-    return type(e).__module__.startswith("redis") and type(e).__name__ in ("ConnectionError", "TimeoutError")
-
-
-class Reconnect:
-    """A worker whose storage went away: one line when the outage starts, a probe with bounded backoff (0.5 s
-    doubling to 4 s), one line when the storage is back, and a NasError once it has been away `timeout_s`."""
-
-    BACKOFF_S = (0.5, 4.0)
-
-    def __init__(self, storage: optuna.storages.BaseStorage, url: str, timeout_s: float):
-        self.storage, self.url, self.timeout_s = storage, mask_url(url), timeout_s
-
-    def __call__(self, reason: str) -> float:
-        """Block until the storage answers again; returns the seconds it was away."""
-        start, pause = time.monotonic(), self.BACKOFF_S[0]
-        # the time of day makes each outage's line distinct (the command's output shows a repeated warning once)
-        logger.warning("storage %s unreachable since %s (%s); waiting up to %d s for it to come back", self.url,
-                       time.strftime("%H:%M:%S"), reason, self.timeout_s)
-        while True:
-            time.sleep(min(pause, max(0.0, start + self.timeout_s - time.monotonic())))
-            try:
-                self._probe()
-            except Exception as e:  # outages retry; anything else is a real error
-                if outage(e) is None:
-                    raise
-                reason = outage(e) or reason
-            else:
-                took = time.monotonic() - start
-                logger.warning("storage %s is back at %s after %.0f s; carrying on", self.url,
-                               time.strftime("%H:%M:%S"), took)
-                return took
-            if time.monotonic() - start >= self.timeout_s:
-                raise NasError(f"storage {self.url} unreachable ({reason}); gave up after {self.timeout_s} s "
-                               f"(--storage-timeout); run the same command again once it is back") from None
-            pause = min(2 * pause, self.BACKOFF_S[1])
-
-    def _probe(self) -> None:
-        if isinstance(self.storage, optuna.storages.RDBStorage):
-            from sqlalchemy import text
-
-            with self.storage.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        else:
-            self.storage.get_all_studies()
 
 
 def worker_id() -> str:
@@ -267,16 +152,21 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int) -> dict[int,
 
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, grace_s: float) -> list[int]:
     """Fail, and retry with the same parameters (RetryDeadTrial), the RUNNING trials whose worker is gone that
-    Optuna's heartbeat check cannot see: on SQL storages those without a heartbeat (their worker died before its
-    first one), on journal storages (no heartbeats) all. Gone: the trial's worker ran on this host and its process
-    no longer exists, or the trial showed no sign of life (a heartbeat; journal: its worker's host:pid) `grace_s`
-    after it started. Returns the numbers of the trials failed."""
+    Optuna's heartbeat check cannot see or would see only `grace_s` later: on SQL storages those without a heartbeat
+    (their worker died before its first one) and those whose worker ran on this host, on journal storages (no
+    heartbeats) all. Gone: the trial's worker ran on this host and its process no longer exists, or the trial showed
+    no sign of life (a heartbeat; journal: its worker's host:pid) `grace_s` after it started. Returns the numbers of
+    the trials failed."""
     beats = heartbeats(storage, study._study_id)
     host, now = socket.gethostname(), datetime.now()  # Optuna's datetime_start: local time, naive
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if beats is not None and t._trial_id in beats:
-            continue  # Optuna's stale check: no heartbeat for grace_s
+            owner = t.system_attrs.get(WORKER_ATTR, "")
+            # a dead local worker's trial at once (a SIGKILLed worker's beats stop too, but grace_s later)
+            if owner_alive(owner) is False and fail_and_retry(study, t._trial_id, f"its worker {owner} is gone"):
+                failed.append(t.number)
+            continue  # elsewhere: Optuna's stale check, no heartbeat for grace_s
         reason = _death(t, host, now, grace_s, journal=beats is None)
         if reason is not None and fail_and_retry(study, t._trial_id, reason):
             failed.append(t.number)
@@ -321,7 +211,8 @@ def _death(t: FrozenTrial, host: str, now: datetime, grace_s: float, journal: bo
 
 
 def owner_alive(owner: str) -> bool | None:
-    """Whether the process `owner` (host:pid) exists; None when it runs on another host (or is unknown)."""
+    """Whether the process `owner` (host:pid) is alive; None when it runs on another host (or is unknown). A zombie
+    (exited, its parent has not collected it yet) is dead: it runs nothing."""
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
@@ -331,7 +222,10 @@ def owner_alive(owner: str) -> bool | None:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:  # Linux: the state after the command name in /proc/PID/stat
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def pause_here(point: str) -> None:

@@ -6,6 +6,7 @@ import logging
 import logging.handlers
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,19 +16,19 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from nas.errors import NasError
+from nas.errors import NasError, NoSpaceError
+from nas.search.outage import Reconnect, connect, mask_url, outage
 from nas.search.samplers import make_pruner, make_sampler
 from nas.search.storage import (
     WORKER_ATTR,
-    Reconnect,
     fail_dead_trials,
     fail_own_trials,
     heartbeats,
     make_storage,
-    outage,
     owner_alive,
     quiet_experimental,
 )
+from nas.system import no_space, write_atomically
 
 if TYPE_CHECKING:
     from nas.search.experiment import Experiment
@@ -66,15 +67,49 @@ def run_worker(exp, index: int = 0, progress: bool = True, callbacks: list | Non
         if exp.workers > 1:  # the workers share the cores; restored on return: the caller's process is not ours
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // exp.workers))
         _run_trials(exp, index, progress, callbacks or [])
+    except Exception as e:  # SQLite and the journal name no file: say which one the full disk refused
+        reason = no_space(e)
+        if reason is None or isinstance(e, NoSpaceError):
+            raise
+        url = exp.storage_url()
+        where = next((url.removeprefix(p) for p in ("sqlite:///", "journal://") if url.startswith(p)), mask_url(url))
+        raise NoSpaceError(f"{where}: {reason} while writing the study; free space and run the same command again: "
+                           "it resumes") from e
     finally:
         torch.set_num_threads(threads)
+
+
+class _QuietSurplus(logging.Filter):
+    """Drops Optuna's failed-trial warning (a traceback, then "failed with value None") for a surplus trial: two
+    workers starting the last missing trial is expected with several workers, and the trial records why."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from nas.search.objective import SurplusTrial
+
+        msg = record.getMessage()
+        # also a trial failed by a full disk: the worker stops with one line naming the file (run_worker)
+        if record.exc_info and (isinstance(record.exc_info[1], SurplusTrial) or no_space(record.exc_info[1])):
+            self.numbers.add(msg.split()[1])
+            return False
+        return not (msg.startswith("Trial ") and msg.split()[1] in self.numbers and "failed with value" in msg)
 
 
 def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
     from nas.search.objective import Objective
 
-    storage = make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s)
-    study = open_study(exp, storage, seed=exp.seed + index)
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _QuietSurplus) for f in optimize_logger.filters):
+        optimize_logger.addFilter(_QuietSurplus())
+    def opened() -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+        storage = make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s)
+        return storage, open_study(exp, storage, seed=exp.seed + index)
+
+    # a worker (re)started while the database server restarts waits for it, as a running one does
+    storage, study = connect(opened, exp.storage_url(), exp.storage_timeout_s)
     objective = Objective(exp)
     start = time.monotonic()
     bar = _bar(exp, study, progress and index == 0)
@@ -101,13 +136,17 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
                     continue
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, callbacks=callbacks)
             except Exception as e:  # the database server went away: wait for it, bounded
+                if no_space(e) is not None:  # no outage: the server answers, and the write would fail again
+                    raise
                 reason = outage(e)
                 if reason is None and _taken(e):
                     logger.warning("a trial of this worker was failed by another worker (no heartbeat for "
                                    "%d s while the storage was away); its retry runs instead", exp.grace_s)
                     continue
-                if reason is None:
+                if reason is None and _ours(e) is e:
                     raise
+                if reason is None:
+                    raise _ours(e) from None
                 reconnect(reason)
                 orphans = True
                 continue
@@ -118,6 +157,18 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
                                f"fix the cause and run the same command again to resume")
     finally:
         bar.close()
+
+
+def _ours(e: BaseException) -> BaseException:
+    """The NasError behind `e`, if any: when a storage write fails, Optuna's own clean-up can fail on the way out
+    (an UnboundLocalError in its _run_trial) and hide the one-line reason (a journal that vanished) behind its own."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, NasError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ if cur.__cause__ is not None else cur.__context__
+    return e
 
 
 def _taken(e: BaseException) -> bool:
@@ -155,7 +206,7 @@ class _Wait:
         if seen != self.seen or (beats is None and local):
             self.seen, self.since = seen, time.monotonic()
         awaited = ", ".join(f"{t.number} ({t.system_attrs.get(WORKER_ATTR, 'no worker recorded')})" for t in running)
-        if seen[1] != self.told:
+        if running and seen[1] != self.told:  # none: the last one just finished (counted a moment ago)
             self.told = seen[1]
             silent = [t for t in running if t._trial_id not in (beats or {}) and t.number not in local]
             dead_when = (f"once it has no heartbeat for {self.exp.grace_s} s" if beats is not None else
@@ -215,7 +266,8 @@ def run(exp: Experiment, progress: bool = True, callbacks: Sequence[Callable] = 
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     from nas.search.experiment import dump_experiment
 
-    (exp.run_dir / "config.yaml").write_text(dump_experiment(exp))
+    write_atomically(exp.run_dir / "config.yaml", dump_experiment(exp), "writing the experiment as resolved",
+                     "free space and run the same command again: it resumes")
     callbacks = list(callbacks)
     if exp.workers == 1:
         run_worker(exp, 0, progress, callbacks)
@@ -271,7 +323,11 @@ def _spawned_worker(exp, index: int, logs: _ParentLogging) -> None:
     logger.addHandler(logging.handlers.QueueHandler(logs.queue))
     logger.propagate = False  # the parent's root handlers see the relayed record, not a second copy here
     optuna.logging.set_verbosity(logs.optuna_verbosity)
-    run_worker(exp, index, progress=False)
+    try:
+        run_worker(exp, index, progress=False)
+    except NasError as e:  # one line (the same from every worker is shown once), not a process traceback each
+        logger.warning("a worker stopped: %s", e)
+        sys.exit(2)
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
