@@ -93,6 +93,7 @@ def schedule(args: argparse.Namespace) -> ShortSchedule:
 def train_arch(arch: ArchSpec, data: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """nas.rerank's short training (the schedule the framework reranks candidates with) into out/train."""
     r = short_train(arch, schedule(args), data, out / "train" / arch.name, args.train_seed)
+    r.pop("weights", None)  # not a CSV column
     return {**r, "best_epoch": args.epochs}  # evaluated once, after the last epoch
 
 

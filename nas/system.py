@@ -7,9 +7,11 @@ import ctypes
 import errno
 import os
 import platform
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import IO
 
 from nas.errors import NoSpaceError
@@ -90,7 +92,8 @@ def no_space(e: BaseException | None) -> str | None:
         if name == "SQLITE_FULL":
             return f"database or disk is full ({name}{_size_limit()})"
         if name == "SQLITE_IOERR_WRITE":
-            return f"disk I/O error ({name}: a write refused, the disk full or a file over its size limit{_size_limit()})"
+            return (f"disk I/O error ({name}: a write refused, the disk full or a file over its size "
+                    f"limit{_size_limit()})")
         # SQLAlchemy keeps the driver's error as .orig; an error raised `from None` still has its context
         e = getattr(e, "orig", None) or e.__cause__ or e.__context__
     return None
@@ -129,3 +132,17 @@ def write_atomically(path: str | Path, data: str | bytes | Callable[[IO[bytes]],
             raise
         raise NoSpaceError(f"{p}: {reason} while {what}; {fix}") from e
     return p
+
+
+def import_without(name: str, blocked: str) -> ModuleType:
+    """import `name` with the module `blocked` unimportable during that first import (a telemetry module that writes
+    into the user's home as it is imported); afterwards `blocked` imports as usual. ImportError of `name` propagates."""
+    block = name not in sys.modules and blocked not in sys.modules
+    if block:
+        sys.modules[blocked] = None  # type: ignore[assignment]  # makes its import raise ImportError
+    try:
+        __import__(name)  # the import statement's path (builtins.__import__), as a test faking absence expects
+        return sys.modules[name]
+    finally:
+        if block:
+            del sys.modules[blocked]

@@ -7,54 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from nas.commands.device import device_flags, measurer_from
+from nas.commands.int8 import int8_flags, local_calibration, with_dtype
+from nas.commands.lutargs import covering_flags, detector_flags, head_from, measuring_flags, ops_from, protocol_from
 from nas.errors import ConfigError
 from nas.latency.protocol import BACKENDS
-
-
-def _protocol(args: argparse.Namespace):
-    from nas.latency.protocol import Protocol
-
-    return Protocol(backend=args.backend, threads=args.threads, batch=args.batch, repeats=args.repeats,
-                    min_time_s=args.min_time, warmup_runs=args.warmup, warmup_s=args.warmup_time, pin_cpu=args.pin_cpu,
-                    reference=args.backend != "openvino-cpu" if args.reference is None else args.reference,
-                    statistic=args.statistic)
-
-
-def _head(args: argparse.Namespace):
-    """The detector head config of --neck/--width/--depth/--classes (None without --detector)."""
-    from nas.arch.headconfig import HeadConfig
-
-    if not getattr(args, "detector", False):
-        return None
-    try:
-        return HeadConfig(args.neck, args.width, args.depth, args.classes)
-    except ConfigError as e:
-        flag = {"num_classes": "--classes"}.get(e.field, f"--{e.field}")
-        raise ConfigError("command line", flag, e.message) from None
-
-
-def _ops_from(args: argparse.Namespace) -> list:
-    """Ops of --space and/or --arch files; with --detector also their neck+head ops."""
-    from nas.commands.common import arch_ref
-    from nas.latency.coverage import arch_ops, neckhead_op, space_neckhead_ops
-    from nas.space import load_space
-
-    head = _head(args)
-    ops: list = []
-    for s in args.space or []:
-        space = load_space(s)
-        ops.extend(space.ops())
-        if head is not None:
-            ops.extend(space_neckhead_ops(space, head))
-    for a in args.arch or []:
-        for arch in [arch_ref(a)] if not args.resolution else [arch_ref(a).with_resolution(r)
-                                                                   for r in args.resolution]:
-            ops.extend((b, sh) for _, b, sh in arch_ops(arch))
-            if head is not None:
-                ops.append(neckhead_op(arch, head))
-    if not ops:
-        raise ConfigError("command line", "--space/--arch", "name at least one search space or arch to cover")
-    return ops
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -70,26 +27,27 @@ def _build(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ConfigError(str(out), None, "exists; use `nas lut extend` to add ops, or --force to start over")
-    protocol = _protocol(args)
-    ops = _ops_from(args)
+    protocol = protocol_from(args)
+    ops = ops_from(args)
+    measurer = measurer_from(args)
     table = LatencyTable.new(protocol, name=args.name or out.stem,
-                             space=", ".join(str(s) for s in args.space or []) or None)
+                             space=", ".join(str(s) for s in args.space or []) or None, measurer=measurer)
     from nas.latency.coverage import key_of
 
     print(f"measuring {len({key_of(op) for op in ops})} ops ({protocol.describe()}) into {out}", file=sys.stderr)
-    n = table.extend(ops, path=out, progress=not args.quiet)
+    n = table.extend(ops, path=out, progress=not args.quiet, measurer=measurer)
     print(f"{out}: {n} ops measured, {len(table.entries)} in the table")
     if args.calibrate and args.space:
-        _calibrate(table, args.space[0], args.calibrate, args.quiet)
+        _calibrate(table, args.space[0], args.calibrate, args.quiet, measurer)
         table.save(out)
 
 
-def _calibrate(table, space_path: Path, n: int, quiet: bool) -> None:
+def _calibrate(table, space_path: Path, n: int, quiet: bool, measurer) -> None:
     from nas.latency.validate import calibrate, calibration_archs, end_to_end
     from nas.space import load_space
 
     archs = calibration_archs(load_space(space_path), n)
-    scale = calibrate(table, archs, end_to_end(table.protocol), progress=not quiet)
+    scale = calibrate(table, archs, end_to_end(local_calibration(table.protocol)), not quiet, measurer)
     print(f"{table.path}: calibration scale {scale:.4f} (median of measured / summed latency over {n} networks of "
           f"{space_path}; `nas lut validate` reports the plain sum beside it)")
 
@@ -101,13 +59,14 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
     source = LatencyTable.load(args.table)
     protocol = target_protocol(source.protocol, args.backend, args.threads, args.reference)
+    protocol = with_dtype(protocol, args)
     out = Path(args.out or f"runs/lut-adapt/{args.table.stem}-{protocol.backend}-t{protocol.threads}.csv")
     if out.exists() and not args.force:
         raise ConfigError(str(out), None, "exists; use --force to overwrite it, or --out for another file")
-    print(f"adapting {args.table} to this machine ({protocol.describe()}): {args.ops} ops and {args.num} networks "
-          f"to measure", file=sys.stderr)
-    table = adapt(source, load_space(args.space), protocol, args.num, _head(args), n_ops=args.ops, seed=args.seed,
-                  name=out.stem, progress=not args.quiet)
+    print(f"adapting {args.table} to {args.device or 'this machine'} ({protocol.describe()}): {args.ops} ops and "
+          f"{args.num} networks to measure", file=sys.stderr)
+    table = adapt(source, load_space(args.space), protocol, args.num, head_from(args), n_ops=args.ops, seed=args.seed,
+                  name=out.stem, progress=not args.quiet, measurer=measurer_from(args))
     table.save(out)
     print(f"{out}: {len(table.entries)} ops adapted from {args.table}")
     print(_adaptation_line(table))
@@ -131,18 +90,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     with writing(args.table):  # not over entries another process adds meanwhile: it waits, we wait
         table = LatencyTable.load(args.table)
-        _calibrate(table, args.space, args.num, args.quiet)
+        _calibrate(table, args.space, args.num, args.quiet, measurer_from(args))
         table.save(args.table)
 
 
 def cmd_extend(args: argparse.Namespace) -> None:
     from nas.latency.table import LatencyTable, writing
 
-    ops = _ops_from(args)
+    ops = ops_from(args)
+    measurer = measurer_from(args)
     with writing(args.table):  # read under the lock: a second extend measures only what the first did not add
         table = LatencyTable.load(args.table)
-        table.check_compatible(table.protocol)
-        n = table.extend(ops, path=args.table, progress=not args.quiet)
+        table.check_compatible(table.protocol, measurer=measurer)
+        n = table.extend(ops, path=args.table, progress=not args.quiet, measurer=measurer)
     print(f"{args.table}: {n} ops added, {len(table.entries)} in the table")
 
 
@@ -157,7 +117,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         arch = arch_ref(args.arch)
         if args.resolution:
             arch = arch.with_resolution(args.resolution)
-        head = _head(args)
+        head = head_from(args)
         pred = table.predict(arch, head)
         if args.json:
             print(json.dumps({"arch": arch.name, "scope": "detector" if head else "backbone",
@@ -192,7 +152,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if args.extend:
         from nas.latency.coverage import arch_ops
 
-        head = _head(args)
+        head = head_from(args)
         ops = [(b, s) for a in archs for _, b, s in arch_ops(a)]
         if head is not None:
             from nas.latency.coverage import neckhead_op
@@ -200,15 +160,16 @@ def cmd_validate(args: argparse.Namespace) -> None:
             ops += [neckhead_op(a, head) for a in archs]
         with writing(args.table):  # read again under the lock: another process may have added entries
             table = LatencyTable.load(args.table)
-            table.extend(ops, path=args.table, progress=not args.quiet)
-    protocol = end_to_end(table.protocol, args.repeats, args.min_time)
-    report = validate(table, archs, protocol, progress=not args.quiet, head=_head(args))
+            table.extend(ops, path=args.table, progress=not args.quiet, measurer=measurer_from(args))
+    protocol = end_to_end(local_calibration(table.protocol), args.repeats, args.min_time)
+    report = validate(table, archs, protocol, progress=not args.quiet, head=head_from(args),
+                      measurer=measurer_from(args))
     paths = write_report(report, args.out)
     s = report.summary()
     if args.json:
         print(json.dumps(s, indent=2))
         return
-    what = "detectors (backbone + neck+head)" if _head(args) else "architectures"
+    what = "detectors (backbone + neck+head)" if head_from(args) else "architectures"
     print(f"{report.n} {what} from {args.space}, {report.protocol}")
     if table.header.get("adaptation"):
         print(_adaptation_line(table))
@@ -233,7 +194,7 @@ def cmd_template(args: argparse.Namespace) -> None:
     """The op list a device must measure, for tables built where this machine can't reach."""
     from nas.latency.coverage import key_of
 
-    keys = sorted({key_of(op) for op in _ops_from(args)})
+    keys = sorted({key_of(op) for op in ops_from(args)})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -252,7 +213,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     header.setdefault("format", FORMAT)
     header.setdefault("name", Path(args.out).stem)
     if "protocol" not in header:
-        raise ConfigError(str(args.header), "protocol", "required: backend, threads, batch and dtype of the measurement")
+        raise ConfigError(str(args.header), "protocol",
+                          "required: backend, threads, batch and dtype of the measurement")
     table = import_csv(args.csv, header)
     from nas.latency.table import LatencyTable
 
@@ -263,47 +225,6 @@ def cmd_import(args: argparse.Namespace) -> None:
         raise ConfigError(str(args.header), field, e.message) from None
     table.save(args.out)
     print(f"{args.out}: {len(table.entries)} ops imported from {args.csv}")
-
-
-def _measuring(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("measurement protocol")
-    g.add_argument("--backend", default="torch-cpu", help=f"{' | '.join(BACKENDS)} (default torch-cpu; openvino-cpu "
-                                                          f"needs pip install 'hwnas-yolo[openvino]')")
-    g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    g.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    g.add_argument("--repeats", type=int, default=20, help="minimum timed runs per op (default 20)")
-    g.add_argument("--min-time", type=float, default=0.04, help="minimum timed seconds per op (default 0.04)")
-    g.add_argument("--warmup", type=int, default=3, help="minimum warm-up runs (default 3)")
-    g.add_argument("--warmup-time", type=float, default=0.01, help="minimum warm-up seconds (default 0.01)")
-    g.add_argument("--pin-cpu", type=int, default=None, help="pin to this core (and the next threads-1)")
-    g.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
-                   help="time the reference workload alongside each op, to normalise machine-speed drift (default: on, "
-                        "off for openvino-cpu, whose tables track end-to-end runs only without it)")
-    g.add_argument("--statistic", choices=("p10", "median"), default="p10",
-                   help="what an op's latency is: the 10th percentile (default: noise only adds time) or median")
-
-
-def _detector(p: argparse.ArgumentParser, what: str) -> None:
-    from nas.arch.headconfig import NECKS, HeadConfig
-
-    d = HeadConfig()
-    g = p.add_argument_group("whole detector")
-    g.add_argument("--detector", action="store_true", help=what)
-    g.add_argument("--neck", choices=NECKS, default=d.neck, help=f"neck type (default {d.neck})")
-    g.add_argument("--width", type=float, default=d.width, help=f"neck width multiplier (default {d.width})")
-    g.add_argument("--depth", type=float, default=d.depth, help=f"neck depth multiplier (default {d.depth})")
-    g.add_argument("--classes", type=int, default=d.num_classes,
-                   help=f"classes the head predicts (default {d.num_classes}, DigitsDet)")
-
-
-def _covering(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", action="append", type=Path, help="search space YAML whose ops to cover (repeatable)")
-    p.add_argument("--arch", action="append", help="arch YAML or zoo:NAME whose ops to cover (repeatable)")
-    p.add_argument("--resolution", action="append", type=int,
-                   help="cover each --arch at this input resolution instead of its own (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _detector(p, "also the detector's neck+head op for every feature-channel combination and resolution of "
-                 "each space (and for each arch): what budgets on the whole detector need")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -320,8 +241,9 @@ def _register_building(lut: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="table file to write (e.g. latency_tables/cpu_torch_fp32_t1.csv)")
     p.add_argument("--name", help="table name (default: the file name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing table")
-    _covering(p)
-    _measuring(p)
+    covering_flags(p)
+    measuring_flags(p)
+    device_flags(p)
     p.add_argument("--calibrate", type=int, default=30, metavar="N",
                    help="then fit the table's calibration on N networks sampled from the first --space, measured "
                         "end to end (default 30; 0: none)")
@@ -332,11 +254,13 @@ def _register_building(lut: argparse._SubParsersAction) -> None:
     p.add_argument("--space", type=Path, required=True, help="search space to sample the networks from")
     p.add_argument("-n", "--num", type=int, default=30, help="networks to measure (default 30)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_flags(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = lut.add_parser("extend", help="measure only the ops a table is missing (same protocol as the table)")
     p.add_argument("table", type=Path)
-    _covering(p)
+    covering_flags(p)
+    device_flags(p)
     p.set_defaults(func=cmd_extend)
 
 
@@ -353,10 +277,12 @@ def _register_adapt(lut: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num", type=int, default=50, help="networks to measure end to end (default 50)")
     p.add_argument("--ops", type=int, default=400, help="single ops to measure (default 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the op sample (default 0)")
+    int8_flags(p, None)
     p.add_argument("--out", help="table file to write (default runs/lut-adapt/SOURCE-BACKEND-tTHREADS.csv)")
     p.add_argument("--force", action="store_true", help="overwrite an existing table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _detector(p, "also measure some of the space's neck+head ops (whole-detector budgets)")
+    detector_flags(p, "also measure some of the space's neck+head ops (whole-detector budgets)")
+    device_flags(p)
     p.set_defaults(func=cmd_adapt)
 
 
@@ -366,7 +292,7 @@ def _register_reading(lut: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="arch YAML or zoo:NAME to predict")
     p.add_argument("--resolution", type=int, help="predict at this input resolution")
     p.add_argument("--json", action="store_true")
-    _detector(p, "predict the whole detector: backbone + the neck+head op")
+    detector_flags(p, "predict the whole detector: backbone + the neck+head op")
     p.set_defaults(func=cmd_show)
 
     p = lut.add_parser("validate", help="predicted vs measured end-to-end latency on sampled architectures")
@@ -380,14 +306,15 @@ def _register_reading(lut: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float, default=0.3, help="minimum timed seconds per architecture (default 0.3)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _detector(p, "validate whole detectors: backbone + the neck+head op against the Detector measured end to end")
+    detector_flags(p, "validate whole detectors: backbone + the neck+head op against the Detector measured end to end")
+    device_flags(p)
     p.set_defaults(func=cmd_validate)
 
 
 def _register_elsewhere(lut: argparse._SubParsersAction) -> None:
     p = lut.add_parser("template", help="CSV of the ops to measure on another device (for `nas lut import`)")
     p.add_argument("--out", required=True)
-    _covering(p)
+    covering_flags(p)
     p.set_defaults(func=cmd_template)
 
     p = lut.add_parser("import", help="a table from a CSV measured on another device (see docs/LATENCY.md)")

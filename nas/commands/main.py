@@ -6,12 +6,12 @@ import os
 import sys
 import threading
 
-from nas.commands import arch, data, export, lut, pareto, quickstart, search, space, train, zoo
+from nas.commands import arch, data, device, export, lut, pareto, quickstart, search, space, supernet, train, zoo
 from nas.commands.common import configure_output
 from nas.errors import NasError
 from nas.system import no_space
 
-VERBS = (zoo, arch, space, lut, search, pareto, export, train, data, quickstart)
+VERBS = (zoo, arch, space, lut, search, pareto, export, train, supernet, data, device, quickstart)
 
 
 def build_parser() -> argparse.ArgumentParser:

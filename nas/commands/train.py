@@ -34,6 +34,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if args.arch is None and not args.resume:
         raise ConfigError("nas train", "ARCH", "give an arch YAML or zoo:NAME (or --resume --name NAME, or --from RUN)")
+    if args.int8 and not args.export:
+        raise ConfigError("command line", "--int8", "goes with --export FORMATS (e.g. --export onnx,openvino --int8)")
+    if args.export:
+        from nas.report.deploy import parse_formats
+
+        parse_formats(args.export)  # a typo fails now, not after the training
     arch = arch_ref(args.arch) if args.arch is not None else None
     neck = kwargs.pop("neck", None)
     if neck is None and arch is not None and arch.info.get("neck") in NECKS:
@@ -64,18 +70,42 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         except NasError as e:  # report the training first: its weights are saved and valid
             onnx_error = e
             summary["onnx_error"] = str(e)
+    if args.export:
+        summary["exports"] = _export(args, weights, result.run_dir)
     if args.json:
         print(json.dumps(json_clean(summary), indent=2))
     else:
+        from nas.report.deploy import summary_lines
+
         epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
         print(f"{result.run_dir}: {epochs} in {result.seconds / 60:.1f} min; best epoch {result.best_epoch}: "
               f"mAP50 {result.map50:.4f}, mAP50-95 {result.map50_95:.4f}")
         print(f"weights: {weights}")
         if "onnx_max_diff" in summary:
             print(f"onnx:    {summary['onnx']} (max diff vs PyTorch {summary['onnx_max_diff']:.2e})")
+        for line in summary_lines(summary.get("exports", [])):
+            print(line)
     if onnx_error is not None:
         raise onnx_error
     return summary
+
+
+def _export(args: argparse.Namespace, weights: Path, run_dir: Path) -> list[dict[str, Any]]:
+    """--export FORMATS [--int8]: the trained detector in each format under RUN/export, checked and scored on the
+    run's own data (`nas.report.deploy`)."""
+    import yaml
+
+    from nas.detect.checkpoint import load_detector
+    from nas.detect.train import default_data
+    from nas.detect.trainconfig import TrainConfig
+    from nas.report.deploy import deploy, parse_formats
+
+    saved = yaml.safe_load((run_dir / "args.yaml").read_text())
+    data = saved.get("data") or str(default_data(TrainConfig(digits_train=saved.get("digits_train", 1000),
+                                                             digits_val=saved.get("digits_val", 200)), False))
+    out = deploy(load_detector(weights), int(saved["imgsz"]), run_dir / "export", parse_formats(args.export),
+                 data=data, int8=args.int8)
+    return [d.to_dict() for d in out]
 
 
 def _run_imgsz(run_dir: Path) -> int:
@@ -144,6 +174,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reuse PROJECT/NAME instead of making a new folder")
     t.add_argument("--resume", action="store_true", help="continue PROJECT/NAME/weights/last.pt (same settings)")
     t.add_argument("--no-onnx", action="store_true", dest="no_onnx", help="skip the model.onnx export and check")
+    t.add_argument("--export", metavar="FORMATS",
+                   help="then write the best weights as onnx and/or openvino (comma-separated) into RUN/export, raw "
+                        "head outputs checked against torch on val images (atol 1e-3) and val mAP through each runtime")
+    t.add_argument("--int8", action="store_true",
+                   help="with --export: also int8 files (calibrated on training images) and their mAP drop against fp32")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--json", action="store_true",
                    help="print a JSON object (map50, map50_95, epochs, weights, onnx, ...) instead of text")

@@ -40,7 +40,7 @@ from nas.detect.runfolder import (
     unique_dir,
     write_csv,
 )
-from nas.detect.trainconfig import TrainConfig, TrainResult, check_config
+from nas.detect.trainconfig import Recipe, TrainConfig, TrainResult, check_config
 from nas.errors import NasError
 from nas.system import cache_dir, retain_heap, usable_cpus
 
@@ -109,6 +109,7 @@ class _Run:
     final: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, float] = field(default_factory=dict)
     writer: Any = None            # TensorBoard SummaryWriter (rank 0)
+    recipe: Recipe | None = None  # None: one Detector, trained on the detection loss
 
     @property
     def show(self) -> bool:
@@ -152,7 +153,7 @@ def _restore(r: _Run, ckpt: dict[str, Any]) -> None:
     r.start_epoch, r.best_fitness, r.best_epoch = ckpt["epoch"], ckpt["best_fitness"], ckpt["best_epoch"]
 
 
-def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int, held: ExitStack) -> _Run:
+def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int, held: ExitStack, recipe: Recipe | None) -> _Run:
     """Resume or start: config, data, run folder, model, optimizer, EMA; rank 0 locks the run folder until `held`
     closes (another training writing it is refused) and writes args.yaml and arch.yaml."""
     device = resolve_device(cfg.device, local_rank, world)
@@ -186,7 +187,8 @@ def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int, held: ExitS
     _seed_everything(cfg.seed)
     fmt = torch.channels_last if resolve_channels_last(cfg.channels_last, device) else torch.contiguous_format
     # converted before the EMA copy and the optimizer, so weights, EMA and momentum buffers share one layout
-    model = Detector(cfg.arch, replace(cfg.head, num_classes=data.nc)).to(device, memory_format=fmt)
+    model = (recipe.build(cfg, data.nc) if recipe else Detector(cfg.arch, replace(cfg.head, num_classes=data.nc))
+             ).to(device, memory_format=fmt)
     criterion = DetectionLoss(data.nc, model.strides, model.reg_max)
     optimizer = build_optimizer(model, cfg, cfg.lr0 if cfg.lr0 is not None else
                                 (0.01 if cfg.optimizer == "sgd" else 0.001))
@@ -196,7 +198,7 @@ def _setup(cfg: TrainConfig, world: int, rank: int, local_rank: int, held: ExitS
     r = _Run(cfg, device, world, main, run_dir, data, *loaders, fmt=fmt, model=model, train_model=model,
              criterion=criterion, optimizer=optimizer, scheduler=scheduler, lf=lf, amp=amp,
              scaler=torch.amp.GradScaler("cuda", enabled=amp), ema=ModelEMA(model, cfg.ema_decay, cfg.ema_tau),
-             history=history)
+             history=history, recipe=recipe)
     if ckpt is not None:
         _restore(r, ckpt)
     if world > 1:
@@ -212,8 +214,10 @@ def _step(r: _Run, imgs: torch.Tensor, targets: torch.Tensor, where: str) -> tor
     cfg, device = r.cfg, r.device
     imgs = imgs.to(device, non_blocking=True, memory_format=r.fmt)
     with torch.autocast(device.type, enabled=r.amp):
-        preds = r.train_model(imgs)
-        loss, parts = r.criterion(preds, targets.to(device), cfg.imgsz)
+        if r.recipe is None:
+            loss, parts = r.criterion(r.train_model(imgs), targets.to(device), cfg.imgsz)
+        else:
+            loss, parts = r.recipe.loss(r.train_model, r.criterion, imgs, targets.to(device), cfg.imgsz)
     bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
     if r.world > 1:
         dist.all_reduce(bad)  # every rank stops together
@@ -287,7 +291,7 @@ def _checkpoint(r: _Run, row: dict[str, Any]) -> dict[str, Any]:
         "model": _contiguous(r.model.state_dict()), "ema": _contiguous(r.ema.module.state_dict()),
         "ema_updates": r.ema.updates, "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
         "scaler": r.scaler.state_dict() if r.amp else None, "rng": rng_state(),
-        "config": r.cfg.to_dict(), "meta": model_meta(r.model, r.data.names),
+        "config": r.cfg.to_dict(), "meta": {**model_meta(r.model, r.data.names), **(r.recipe.meta if r.recipe else {})},
         "metrics": dict(row), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
     }
@@ -304,7 +308,8 @@ def _evaluate_and_save(r: _Run, epoch: int, epochs: int, mloss: torch.Tensor, lr
         metrics: dict[str, Any] = {}
         t_val = time.time()
         if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 >= epochs:
-            metrics = evaluate(r.ema.module, r.val_loader, r.device, num_classes=r.data.nc)
+            metrics = (r.recipe.validate(r.ema.module, r) if r.recipe else
+                       evaluate(r.ema.module, r.val_loader, r.device, num_classes=r.data.nc))
             r.speed = metrics["speed"]
         val_time = time.time() - t_val
         fit = fitness(metrics)
@@ -338,12 +343,14 @@ def _evaluate_and_save(r: _Run, epoch: int, epochs: int, mloss: torch.Tensor, lr
     return stopped
 
 
-def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+          recipe: Recipe | None = None) -> TrainResult:
     """Train, evaluate each `val_interval` epochs on the EMA model, checkpoint, and return the best epoch's metrics.
 
     `on_epoch(epoch, metrics)` runs on rank 0 after each epoch's checkpoint (epoch counts from 1; metrics is the
     results.csv row); raising from it stops training and the exception propagates (e.g. optuna.TrialPruned).
     Under torchrun (RANK/WORLD_SIZE set) each process trains on its shard; only rank 0 evaluates and writes.
+    `recipe` swaps the model, the step's loss and the evaluation (the supernet); None trains cfg.arch's Detector.
     """
     t_start = time.time()
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -357,7 +364,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict[str, Any]], None] | No
     try:
         if cfg.threads:  # process-wide, so restored below; 1 avoids OpenMP spin-waits on busy small machines
             torch.set_num_threads(cfg.threads)
-        r = _setup(cfg, world, rank, int(os.environ.get("LOCAL_RANK", 0)), held)
+        r = _setup(cfg, world, rank, int(os.environ.get("LOCAL_RANK", 0)), held, recipe)
         cfg, stopped = r.cfg, False
         epochs = planned_epochs(cfg, [x["time"] for x in r.history])  # == cfg.epochs without a time limit
         if epochs != cfg.epochs:

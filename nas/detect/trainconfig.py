@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from nas.arch.detector import check_detector
 from nas.arch.headconfig import HeadConfig
@@ -92,6 +92,16 @@ class TrainConfig:
         head = HeadConfig(**{k: d[k] for k in HEAD_KEYS if k in d})
         hyp = AugmentConfig(**{k: d[k] for k in HYP_KEYS if k in d})  # runs from before: the defaults they used
         return cls(**{**kw, "head": head, "hyp": hyp, **given})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training trains when it is not one Detector (nas.detect.supernet: the weight-sharing supernet). The
+    model must carry what a Detector carries for the loss and checkpoints: arch, head_config, strides, reg_max."""
+    build: Callable[[TrainConfig, int], Any]     # (config, number of classes) -> model
+    loss: Callable[..., tuple[Any, Any]]         # (model, criterion, imgs, targets, imgsz) -> (loss, box/cls/dfl parts)
+    validate: Callable[[Any, Any], dict[str, Any]]  # (EMA model, the run) -> evaluate()'s metrics
+    meta: dict[str, Any] = field(default_factory=dict)  # merged into every checkpoint's meta
 
 
 @dataclass

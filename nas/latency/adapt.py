@@ -16,8 +16,7 @@ from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.errors import ConfigError
 from nas.latency.coverage import TableOp, arch_ops, key_of, space_neckhead_ops
-from nas.latency.environment import cpu_id
-from nas.latency.profile import measure_network
+from nas.latency.measurer import LOCAL, Measurer, measure_all, network_job
 from nas.latency.protocol import ONNX_BACKENDS, Protocol, check_int
 from nas.latency.table import Entry, LatencyTable
 from nas.latency.transfer import Transfer, fit_transfer, sample_ops
@@ -81,17 +80,15 @@ def _note_unmeasured_kinds(source: LatencyTable, measured: Sequence[str], head: 
 
 
 def _measure_networks(target: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol,
-                      progress: bool) -> list[float]:
+                      progress: bool, measurer: Measurer = LOCAL) -> list[float]:
     """Each backbone's latency end to end, normalised to the target's reference speed. Called first, in a process
     that has timed nothing else yet, as `nas lut calibrate` does: measured after the ops, the networks gave a scale
     above what held-out networks needed (docs/LATENCY.md)."""
     from tqdm import tqdm
 
-    out = []
-    for arch in tqdm(archs, desc="measuring networks", disable=not progress, unit="arch"):
-        m = measure_network(arch, protocol).normalised(target.reference_us)
-        out.append(m.value_us(protocol.statistic))
-    return out
+    measured = measure_all(measurer, (network_job(a) for a in archs), protocol)
+    bar = tqdm(measured, total=len(archs), desc="measuring networks", disable=not progress, unit="arch")
+    return [m.normalised(target.reference_us).value_us(protocol.statistic) for m in bar]
 
 
 def _residuals(transfer: Transfer, rows: Sequence[dict], source: LatencyTable, target: LatencyTable,
@@ -117,33 +114,35 @@ def _residuals(transfer: Transfer, rows: Sequence[dict], source: LatencyTable, t
 
 def adapt(source: LatencyTable, space: SearchSpace, protocol: Protocol, n_networks: int = 50,
           head: HeadConfig | None = None, *, n_ops: int = DEFAULT_OPS, seed: int = 0, name: str | None = None,
-          network_protocol: Protocol | None = None, progress: bool = True) -> LatencyTable:
+          network_protocol: Protocol | None = None, progress: bool = True, measurer: Measurer = LOCAL) -> LatencyTable:
     """A full table for this machine and `protocol` from `source`'s entries: `n_networks` backbones of the
     calibration stream measured end to end, `n_ops` single ops of `space` (with `head`, neck+head ops among them)
     measured, a ridge fit of log(target / source) per op (shrunk toward one global factor), every entry written as
     source x fitted ratio, and the calibration scale fitted on the networks. The header records `adapted_from` and
-    `adaptation` (ops, networks, residuals, minutes, seed, method, factors)."""
+    `adaptation` (ops, networks, residuals, minutes, seed, method, factors). `measurer`: the device measured (this
+    machine by default, another through its agent)."""
     check_transferable(source, protocol)
     check_int("n_ops", n_ops, 2, source="adapt")
     check_int("n_networks", n_networks, 0, source="adapt")
     start = time.monotonic()
-    target = LatencyTable.new(protocol, name or f"{source.name}-adapted", space=space.source)
+    target = LatencyTable.new(protocol, name or f"{source.name}-adapted", space=space.source, measurer=measurer)
     archs = calibration_archs(space, n_networks)
-    networks = _measure_networks(target, archs, network_protocol or end_to_end(protocol), progress)
+    networks = _measure_networks(target, archs, network_protocol or end_to_end(protocol), progress, measurer)
     ops = _space_ops(space, head)
     candidates = [op for op in ops if key_of(op) in source.entries]
     if len(candidates) < len(ops):
         log.warning("%s: %d of the %d ops of %s are not in the table and not transferred; add them with "
                     "`nas lut extend NEW_TABLE --space %s`", source.path or source.name, len(ops) - len(candidates),
                     len(ops), space.source, space.source)
-    n_measured = target.extend(sample_ops(candidates, n_ops, seed), progress=progress)
+    n_measured = target.extend(sample_ops(candidates, n_ops, seed), progress=progress, measurer=measurer)
     measured = list(target.entries)
     column = source.column
     transfer = fit_transfer({k: getattr(e, column) for k, e in source.entries.items()},
                             {k: getattr(e, column) for k, e in target.entries.items()}, seed=seed)
     _transfer_entries(source, target, transfer)
     _note_unmeasured_kinds(source, measured, head)
-    n_measured += target.extend([(b, s) for a in archs for _, b, s in arch_ops(a)], progress=False)  # not in source
+    n_measured += target.extend([(b, s) for a in archs for _, b, s in arch_ops(a)], progress=False,  # not in source
+                                measurer=measurer)
     rows = [{"arch": a.name, "sum_us": target.predict(a).sum_us, "measured_us": m} for a, m in zip(archs, networks)]
     if rows:
         fit_calibration(target, rows)
@@ -151,7 +150,8 @@ def adapt(source: LatencyTable, space: SearchSpace, protocol: Protocol, n_networ
                                      "cpu_id": source.header.get("device", {}).get("cpu_id"),
                                      "backend": source.protocol.backend, "threads": source.protocol.threads}
     target.header["adaptation"] = _record(transfer, rows, source, target, archs, start, seed, n_measured)
-    log.info("adapted %s to %s: %d ops and %d networks measured in %.1f min", source.name, cpu_id() or "this CPU",
+    log.info("adapted %s to %s: %d ops and %d networks measured in %.1f min", source.name,
+             target.header["device"].get("cpu_id") or "this CPU",
              target.header["adaptation"]["ops"], len(rows), target.header["adaptation"]["minutes"])
     return target
 
@@ -169,8 +169,8 @@ def _record(transfer: Transfer, rows: Sequence[dict], source: LatencyTable, targ
 
 
 def held_out_check(source: LatencyTable, target: LatencyTable, space: SearchSpace, n: int,
-                   head: HeadConfig | None = None, *, seed: int = HELD_OUT_SEED, progress: bool = True
-                   ) -> dict[str, float]:
+                   head: HeadConfig | None = None, *, seed: int = HELD_OUT_SEED, progress: bool = True,
+                   measurer: Measurer = LOCAL) -> dict[str, float]:
     """The source and the adapted table scored on `n` networks neither fit saw (with `head`: whole detectors),
     measured once here under the target's protocol, each on its own reference speed as `nas lut validate` scores a
     table; stored as the header's `adaptation.held_out`."""
@@ -179,8 +179,8 @@ def held_out_check(source: LatencyTable, target: LatencyTable, space: SearchSpac
     check_int("n", n, 2, source="held-out check")
     protocol = end_to_end(target.protocol)
     archs = validation_archs(space, n, seed)
-    raws = [measure_network(a, protocol, head)
-            for a in tqdm(archs, desc="checking on held-out networks", disable=not progress, unit="arch")]
+    raws = list(tqdm(measure_all(measurer, (network_job(a, head) for a in archs), protocol), total=len(archs),
+                     desc="checking on held-out networks", disable=not progress, unit="arch"))
     out: dict[str, float] = {"networks": n, "seed": seed}
     for prefix, table in (("source_", source), ("", target)):
         acc = accuracy([table.predict(a, head).total_us for a in archs],

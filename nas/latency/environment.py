@@ -5,16 +5,12 @@ import datetime
 import os
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
-from nas.latency.onnx import import_ort
 from nas.latency.openvino import openvino_version
 from nas.latency.protocol import Protocol
-
-if TYPE_CHECKING:
-    pass
+from nas.latency.quantize import quantizer_versions
+from nas.latency.runtime import import_ort
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -54,17 +50,25 @@ def _read(path: str) -> str | None:
 
 def environment(protocol: Protocol) -> dict[str, Any]:
     """What makes a latency number reproducible: hardware, software versions, date, and the protocol itself."""
+    import torch
+
+    return host_environment(protocol, torch)
+
+
+def host_environment(protocol: Protocol, torch: Any = None) -> dict[str, Any]:
+    """`environment` of a process that may have no torch (the device agent): with `torch` (the module) its version,
+    the ISA it dispatches to and CUDA's details are recorded too."""
     env: dict[str, Any] = {
         "cpu": _cpu_model(),
         **({"cpu_id": cid} if (cid := cpu_id()) else {}),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA torch dispatches kernels to
+        **({"cpu_capability": torch.backends.cpu.get_cpu_capability()} if torch else {}),  # torch's kernel ISA
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "machine": platform.machine(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "libc": " ".join(platform.libc_ver()).strip() or "unknown",
-        "torch": torch.__version__,
+        **({"torch": torch.__version__} if torch else {}),
     }
     governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     if governor:
@@ -74,7 +78,7 @@ def environment(protocol: Protocol) -> dict[str, Any]:
 
         env["onnxruntime"] = import_ort().__version__
         env["onnx"] = onnx.__version__
-        if protocol.onnx_exporter == "dynamo":
+        if protocol.onnx_exporter == "dynamo" and torch:  # the exporter's: where torch is, not on a device agent
             import onnxscript
 
             env["onnxscript"] = onnxscript.__version__
@@ -83,7 +87,13 @@ def environment(protocol: Protocol) -> dict[str, Any]:
 
         env["openvino"] = openvino_version()
         env["onnx"] = onnx.__version__
-    if protocol.backend == "torch-cuda":
+    if protocol.backend == "litert-cpu":
+        from nas.latency.litert import litert_versions
+
+        env.update(litert_versions())
+    if protocol.dtype == "int8":
+        env.update(quantizer_versions(protocol.backend))
+    if protocol.backend == "torch-cuda" and torch:
         env["cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name()

@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from nas.errors import NasError
-from nas.latency.protocol import Protocol
-
-if TYPE_CHECKING:
-    import onnxruntime
-
-
-# --- ONNX Runtime -----------------------------------------------------------------------------------------------
-
-
-def import_ort() -> Any:
-    """onnxruntime with its telemetry off. Since 1.2x its Linux wheels upload usage events and keep a device id in
-    ~/.cache/Microsoft (seen with 1.32); nas sends nothing anywhere and writes only into its run folder. The switch
-    is read once, when onnxruntime initialises, so it is set before the first import (a user's own value wins)."""
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise NasError("ONNX Runtime is not installed: pip install onnxruntime") from err
-    return onnxruntime
+from nas.latency.runtime import import_ort, ort_session  # noqa: F401 - ort_session re-exported for callers here
 
 
 @contextlib.contextmanager
@@ -87,18 +68,6 @@ def export_onnx(module: nn.Module, example: int | torch.Tensor | tuple[torch.Ten
                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                            f"{other[how] if exporter != 'auto' else ''}") from err
     return path
-
-
-def ort_session(onnx_path: str | Path, protocol: Protocol) -> onnxruntime.InferenceSession:
-    """A CPU InferenceSession configured as the protocol says (threads, sequential, all graph optimisations)."""
-    ort = import_ort()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = protocol.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: per-op warnings would flood a table build
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def check_onnx(model: nn.Module, path: str | Path, imgsz: int, atol: float = 1e-4, rtol: float = 1e-4) -> float:

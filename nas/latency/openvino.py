@@ -3,7 +3,6 @@ one synchronous request per call. `openvino` is an optional extra, imported only
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 
 from nas.errors import NasError
 from nas.latency.protocol import Protocol
+from nas.system import import_without
 
 log = logging.getLogger("nas.latency.openvino")
 
@@ -26,17 +26,10 @@ def import_openvino() -> Any:
     `convert_model`). nas reads ONNX files and never converts, and writes only into its run folder, so the first
     import here skips the converter (openvino catches that ImportError); afterwards the converter imports as usual
     (`from openvino.tools.ovc import convert_model`), only `openvino.convert_model` is absent."""
-    blocked = "openvino" not in sys.modules and "openvino.tools.ovc" not in sys.modules
-    if blocked:
-        sys.modules["openvino.tools.ovc"] = None  # type: ignore[assignment]  # makes its import raise ImportError
     try:
-        import openvino
+        return import_without("openvino", "openvino.tools.ovc")
     except ImportError as err:
         raise NasError(INSTALL_HINT) from err
-    finally:
-        if blocked:
-            del sys.modules["openvino.tools.ovc"]
-    return openvino
 
 
 def openvino_version() -> str:

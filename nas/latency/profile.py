@@ -8,12 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import math
-import os
-import random
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,30 +18,19 @@ import torch
 from torch import nn
 
 from nas.arch.backbone import build_backbone
-from nas.arch.detector import Detector
+from nas.arch.detector import Detector, NeckHead
 from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.errors import ConfigError, NasError
-from nas.latency.onnx import eval_mode, export_onnx, import_ort, ort_session
+from nas.latency.litert import check_litert_cpu, convert_tflite, litert_runner
+from nas.latency.onnx import eval_mode, export_onnx
 from nas.latency.openvino import check_openvino_cpu, openvino_runner
-from nas.latency.protocol import ONNX_BACKENDS, PROTOCOL_SOURCE, Measurement, Protocol, Shape, Shapes, check_int
-from nas.system import retain_heap as _retain_heap
+from nas.latency.protocol import ONNX_BACKENDS, Measurement, Protocol, Shape, Shapes, check_int
+from nas.latency.quantize import calibration_inputs, quantize_model
+from nas.latency.runtime import import_ort, ort_runner
+from nas.latency.timing import process_env, time_calls, time_interleaved
 
 # --- the timing machinery ---------------------------------------------------------------------------------------
-
-
-def _pin_cores(protocol: Protocol) -> set[int]:
-    if not hasattr(os, "sched_setaffinity"):
-        raise ConfigError(PROTOCOL_SOURCE, "pin_cpu", "CPU pinning needs Linux (os.sched_setaffinity); use pin_cpu: null")
-    assert protocol.pin_cpu is not None
-    wanted = set(range(protocol.pin_cpu, protocol.pin_cpu + protocol.threads))
-    available = os.sched_getaffinity(0)
-    if not wanted <= available:
-        raise ConfigError(
-            PROTOCOL_SOURCE, "pin_cpu",
-            f"cores {sorted(wanted)} are not all available to this process (available: {sorted(available)})",
-        )
-    return wanted
 
 
 def _check_backend_available(protocol: Protocol) -> None:
@@ -58,37 +43,26 @@ def _check_backend_available(protocol: Protocol) -> None:
         import_ort()
     if protocol.backend == "openvino-cpu":
         check_openvino_cpu()
+    if protocol.backend == "litert-cpu":
+        check_litert_cpu()
 
 
 @contextlib.contextmanager
 def _timing_env(protocol: Protocol) -> Iterator[None]:
     """Threads, CPU pinning, gc off and inference mode for the duration; everything restored afterwards."""
-    cores = _pin_cores(protocol) if protocol.pin_cpu is not None else None
     threads_before = torch.get_num_threads()
-    affinity_before = os.sched_getaffinity(0) if cores is not None else None
-    gc_was_enabled = gc.isenabled()
     try:
         torch.set_num_threads(protocol.threads)
-        if protocol.retain_heap:
-            _retain_heap()
-        if cores is not None:
-            # Affects this thread and threads created later; pools torch already started keep their mask.
-            os.sched_setaffinity(0, cores)
-        # Young generations only: a full collection costs ~80 ms in a process holding torch, optuna and a few
-        # thousand built modules, which dominated table builds; gc is off while timing anyway.
-        gc.collect(1)
-        gc.disable()  # a collection inside a timed call would be charged to whichever op it hit
-        if protocol.flush_denormal:
-            torch.set_flush_denormal(True)
-        with torch.inference_mode():
-            yield
+        with process_env(protocol):
+            if protocol.flush_denormal:
+                torch.set_flush_denormal(True)
+            try:
+                with torch.inference_mode():
+                    yield
+            finally:
+                if protocol.flush_denormal:
+                    torch.set_flush_denormal(False)
     finally:
-        if protocol.flush_denormal:
-            torch.set_flush_denormal(False)
-        if gc_was_enabled:
-            gc.enable()
-        if affinity_before is not None:
-            os.sched_setaffinity(0, affinity_before)
         torch.set_num_threads(threads_before)
 
 
@@ -101,9 +75,7 @@ def _on(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
 
 
 def _ort_runner(path: Path, xs: tuple[torch.Tensor, ...], protocol: Protocol) -> Callable[[], Any]:
-    session = ort_session(path, protocol)
-    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
-    return lambda: session.run(None, feed)
+    return ort_runner(path, [x.numpy() for x in xs], protocol)
 
 
 def _openvino_runner(path: Path, xs: tuple[torch.Tensor, ...], protocol: Protocol) -> Callable[[], Any]:
@@ -124,7 +96,13 @@ def _make_runner(module: nn.Module, shapes: Shapes, protocol: Protocol, onnx_pat
     xs = tuple(torch.randn((protocol.batch, *shape), generator=gen) for shape in shapes)
     if protocol.backend in ONNX_BACKENDS:
         path = export_onnx(module, xs, onnx_path, opset=protocol.onnx_opset, exporter=protocol.onnx_exporter)
+        if protocol.dtype == "int8":
+            samples = calibration_inputs(shapes, protocol.batch, protocol.seed, protocol.calibration)
+            path = quantize_model(protocol.backend, path, samples, decodes=isinstance(module, (Detector, NeckHead)))
         return _ONNX_RUNNERS[protocol.backend](path, xs, protocol)
+    if protocol.backend == "litert-cpu":  # converted from the module itself, not from the ONNX export
+        path = convert_tflite(module, xs, onnx_path.with_suffix(".tflite"))
+        return litert_runner(path, [x.numpy() for x in xs], protocol)
     if protocol.backend == "torch-cuda":
         dtype = torch.float16 if protocol.dtype == "fp16" else torch.float32
         model = _on(module, torch.device("cuda"), dtype)
@@ -141,15 +119,6 @@ def _make_runner(module: nn.Module, shapes: Shapes, protocol: Protocol, onnx_pat
         return run_cuda
     model = _on(module, torch.device("cpu"), torch.float32)
     return lambda: model(*xs)
-
-
-def _warm_up(run: Callable[[], Any], protocol: Protocol) -> None:
-    clock = time.perf_counter_ns
-    deadline = clock() + int(protocol.warmup_s * 1e9)
-    done = 0
-    while done < protocol.warmup_runs or clock() < deadline:
-        run()
-        done += 1
 
 
 def _check_shape(shape: Any, field: str = "input_shape") -> tuple[int, ...]:
@@ -185,22 +154,8 @@ def measure(module: nn.Module, input_shape: Shape | Sequence[Shape], protocol: P
     with tempfile.TemporaryDirectory(prefix="nas-profile-") as tmp, eval_mode(module):
         run = _make_runner(module, shapes, protocol, Path(tmp) / "model.onnx")
         reference = _reference_runner(protocol, Path(tmp) / "reference.onnx")
-        samples: list[int] = []
-        ref_samples: list[int] = []
         with _timing_env(protocol):
-            _warm_up(run, protocol)
-            clock = time.perf_counter_ns
-            deadline = clock() + int(protocol.min_time_s * 1e9)
-            while len(samples) < protocol.repeats or (clock() < deadline and len(samples) < protocol.max_repeats):
-                if reference is not None:
-                    reference()  # untimed: whatever ran before leaves the timed reference below unaffected
-                    start = clock()
-                    reference()
-                    ref_samples.append(clock() - start)
-                start = clock()
-                run()
-                samples.append(clock() - start)
-    return Measurement.from_samples(samples, ref_samples, protocol.statistic)
+            return time_calls(run, protocol, reference)
 
 
 def reference_module() -> nn.Module:
@@ -230,12 +185,16 @@ def reference_speed(protocol: Protocol, repeats: int = 300) -> float | None:
     nominal is taken in the same context as the entries. None when the protocol has no reference."""
     if not protocol.reference or protocol.backend == "torch-cuda":
         return None
+    p = dataclasses.replace(protocol, repeats=repeats, min_time_s=0.0)
+    return measure(typical_block(), (64, 40, 40), p).reference_us
+
+
+def typical_block() -> nn.Module:
+    """The block `reference_speed` times the reference next to: an inverted bottleneck, 64 ch at (64, 40, 40)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        typical = nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1, groups=256),
-                                nn.ReLU(), nn.Conv2d(256, 64, 1))
-    p = dataclasses.replace(protocol, repeats=repeats, min_time_s=0.0)
-    return measure(typical, (64, 40, 40), p).reference_us
+        return nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1, groups=256),
+                             nn.ReLU(), nn.Conv2d(256, 64, 1))
 
 
 def measure_interleaved(
@@ -269,10 +228,8 @@ def measure_interleaved(
     _check_backend_available(protocol)
 
     names = list(models)
-    rng = random.Random(protocol.seed)
     min_rounds = rounds if rounds is not None else math.ceil(protocol.repeats / runs_per_round)
     max_rounds = rounds if rounds is not None else max(min_rounds, protocol.max_repeats // runs_per_round)
-    samples: dict[str, list[int]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nas-profile-")))
         stack.enter_context(eval_mode(*models.values()))
@@ -283,24 +240,8 @@ def measure_interleaved(
 
             bar = stack.enter_context(tqdm(total=rounds, desc="interleaved rounds", unit="round"))
         stack.enter_context(_timing_env(protocol))
-        for name in names:
-            _warm_up(runners[name], protocol)
-        clock = time.perf_counter_ns
-        deadline = clock() + int(protocol.min_time_s * len(names) * 1e9)
-        done = 0
-        while done < min_rounds or (clock() < deadline and done < max_rounds):
-            rng.shuffle(names)
-            for name in names:
-                run, out = runners[name], samples[name]
-                run()
-                for _ in range(runs_per_round):
-                    start = clock()
-                    run()
-                    out.append(clock() - start)
-            done += 1
-            if bar is not None:
-                bar.update()
-    return {name: Measurement.from_samples(samples[name]) for name in models}
+        return time_interleaved(runners, protocol, min_rounds, max_rounds, runs_per_round,
+                                None if bar is None else bar.update)
 
 
 def network(arch: ArchSpec, head: HeadConfig | None = None) -> nn.Module:

@@ -12,13 +12,13 @@ import numpy as np
 
 from nas.errors import ConfigError, NasError
 
-BACKENDS = ("torch-cpu", "onnxruntime-cpu", "torch-cuda", "openvino-cpu")
+BACKENDS = ("torch-cpu", "onnxruntime-cpu", "torch-cuda", "openvino-cpu", "litert-cpu")
 
 
 ONNX_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")  # runtimes that run the one ONNX export of the measured module
 
 
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "int8")  # int8: the ONNX export statically quantized (nas.latency.quantize)
 
 
 STATISTICS = ("p10", "median", "mean", "min")
@@ -90,6 +90,7 @@ class Protocol:
     onnx_opset: int = 18
     seed: int = 0
     reference: bool = True
+    calibration: str | None = None  # int8: folder of images calibrating image inputs (else seeded normal noise)
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -116,9 +117,18 @@ class Protocol:
         if self.dtype == "fp16" and self.backend != "torch-cuda":
             # fp16 eager convolutions on CPU are slow reference kernels, not what a deployment would run.
             raise ConfigError(PROTOCOL_SOURCE, "dtype", f"fp16 is only supported on torch-cuda; use fp32 for {self.backend}")
+        if self.dtype == "int8" and self.backend not in ONNX_BACKENDS:
+            raise ConfigError(PROTOCOL_SOURCE, "dtype", f"int8 is measured on a statically quantized ONNX export: use "
+                                                        f"{' or '.join(ONNX_BACKENDS)}, not {self.backend}")
+        if self.calibration is not None and (self.dtype != "int8" or not isinstance(self.calibration, str)):
+            raise ConfigError(PROTOCOL_SOURCE, "calibration", f"an image folder for int8 only, got "
+                                                              f"{self.calibration!r} with dtype {self.dtype}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["calibration"] is None:  # fp32 headers stay as they were
+            del d["calibration"]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Protocol:
@@ -147,6 +157,12 @@ class Protocol:
         if self.backend == "openvino-cpu":
             parts.append(f"ONNX opset {self.onnx_opset} via the {self.onnx_exporter} exporter, OpenVINO CPU with the "
                          f"LATENCY hint, 1 stream, f32 inference precision, NHWC at the model's ends")
+        if self.backend == "litert-cpu":
+            parts.append("converted by litert-torch, NHWC at the model's ends; LiteRT interpreter with XNNPACK")
+        if self.dtype == "int8":
+            how = "QDQ via onnxruntime.quantization" if self.backend == "onnxruntime-cpu" else "NNCF"
+            parts.append(f"int8 static quantization ({how}, per-channel weights) calibrated on "
+                         f"{'images from ' + self.calibration if self.calibration else 'normal noise'}")
         return "; ".join(parts)
 
 

@@ -10,6 +10,7 @@ sampled networks measured end to end, that `predict` applies to the sum and repo
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -27,9 +28,9 @@ from nas.arch.spec import ArchSpec
 from nas.config import MAX_FILE_BYTES, check_keys, parse_yaml, read, require_mapping
 from nas.errors import ConfigError, NasError
 from nas.latency.coverage import NeckHeadOp, TableOp, arch_ops, extend_command, key_of, neckhead_op, op_key
-from nas.latency.environment import cpu_id, environment
+from nas.latency.environment import cpu_id
 from nas.latency.header import check_header_records
-from nas.latency.profile import measure, reference_speed
+from nas.latency.measurer import LOCAL, Measurer, measure_all, reference_speed
 from nas.latency.protocol import Protocol
 from nas.system import exclusive_lock, write_atomically
 
@@ -102,9 +103,9 @@ class LatencyTable:
         theirs, mine = self.header.get("device", {}).get("cpu_id"), cpu_id()
         return theirs if theirs and mine and theirs != mine else None
 
-    def check_compatible(self, protocol: Protocol, cpu: bool = True) -> None:
+    def check_compatible(self, protocol: Protocol, cpu: bool = True, measurer: Measurer = LOCAL) -> None:
         """Refuse a protocol whose backend/threads/batch/dtype differ; warn when software versions (and with `cpu`,
-        the CPU) differ."""
+        the CPU) of the measuring device differ."""
         mine = self.header["protocol"]
         diffs = [f"{k}: table {mine.get(k)!r}, requested {getattr(protocol, k)!r}" for k in BINDING
                  if mine.get(k) != getattr(protocol, k)]
@@ -113,8 +114,8 @@ class LatencyTable:
                 f"{self.path or self.name}: measured under a different setting ({'; '.join(diffs)}); latency does not "
                 f"carry over between backends, thread counts, batch sizes or dtypes: build a table for this setting "
                 f"with `nas lut build`")
-        here = environment(protocol)
-        for k in ("torch", "onnxruntime", "openvino") + (("cpu", "cpu_id") if cpu else ()):
+        here = measurer.environment(protocol)
+        for k in ("torch", "onnxruntime", "openvino", "ai_edge_litert") + (("cpu", "cpu_id") if cpu else ()):
             if k in self.header.get("device", {}) and k in here and self.header["device"][k] != here[k]:
                 log.warning("%s: measured with %s %r, running %r; predictions may be off (validate with "
                             "`nas lut validate`)", self.path or self.name, k, self.header["device"][k], here[k])
@@ -156,14 +157,16 @@ class LatencyTable:
 
     # ------------------------------------------------------------ measuring
     @classmethod
-    def new(cls, protocol: Protocol, name: str, space: str | None = None, notes: str | None = None) -> "LatencyTable":
+    def new(cls, protocol: Protocol, name: str, space: str | None = None, notes: str | None = None,
+            measurer: Measurer = LOCAL) -> LatencyTable:
+        """An empty table whose header describes `measurer`'s device (this machine by default)."""
         if protocol.statistic not in TABLE_STATISTICS:
             raise ConfigError("latency protocol", "statistic", f"a table stores {' or '.join(TABLE_STATISTICS)} "
                                                                f"latencies, not {protocol.statistic!r}")
         header = {"format": FORMAT, "name": name, "unit": "microseconds",
-                  "device": {k: _plain(v) for k, v in environment(protocol).items() if k != "protocol"},
+                  "device": {k: _plain(v) for k, v in measurer.environment(protocol).items() if k != "protocol"},
                   "protocol": protocol.to_dict(), "space": space}
-        ref = reference_speed(protocol)
+        ref = reference_speed(protocol, measurer)
         if ref is not None:
             header["reference_us"] = round(ref, 2)
         if notes:
@@ -171,9 +174,9 @@ class LatencyTable:
         return cls(header=header)
 
     def extend(self, ops: Iterable[TableOp], *, progress: bool = True, save_every: int = 200,
-               path: str | Path | None = None) -> int:
-        """Measure every op not yet in the table; saves every `save_every` ops so a killed build loses little.
-        Backbone blocks and neck+head ops go through the same `measure` and normalisation: one scale."""
+               path: str | Path | None = None, measurer: Measurer = LOCAL) -> int:
+        """Measure every op not yet in the table on `measurer`'s device; saves every `save_every` ops so a killed
+        build loses little. Backbone blocks and neck+head ops go through the same measurement and normalisation."""
         protocol = self.protocol
         todo, seen = [], set()
         for op in ops:
@@ -186,13 +189,9 @@ class LatencyTable:
         path = Path(path) if path else self.path
         bar = _progress(len(todo), progress, "measuring ops")
         try:
-            for i, (k, op) in enumerate(todo):
-                if isinstance(op, NeckHeadOp):
-                    module, shape = op.build(), op.shapes
-                else:
-                    b, shape = op
-                    module = build_block(b, shape[0])
-                m = measure(module, shape, protocol).normalised(self.reference_us)
+            jobs = (functools.partial(_job, op) for _, op in todo)
+            for i, ((k, _), raw) in enumerate(zip(todo, measure_all(measurer, jobs, protocol))):
+                m = raw.normalised(self.reference_us)
                 self.entries[k] = Entry(round(m.median_us, 2), round(m.p10_us, 2), round(m.p90_us, 2), m.n)
                 bar.update(1)
                 if path and (i + 1) % save_every == 0:
@@ -273,6 +272,14 @@ class LatencyTable:
         table = cls.loads(text, str(p))
         table.path = p
         return table
+
+
+def _job(op: TableOp) -> tuple[Any, Any]:
+    """The module an op key stands for and its input shape(s)."""
+    if isinstance(op, NeckHeadOp):
+        return op.build(), op.shapes
+    b, shape = op
+    return build_block(b, shape[0]), shape
 
 
 def _plain(v: Any) -> Any:

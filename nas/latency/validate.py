@@ -16,7 +16,7 @@ from nas.arch.detector import detector_cost
 from nas.arch.headconfig import HeadConfig
 from nas.arch.spec import ArchSpec
 from nas.latency.header import SCALE_RANGE
-from nas.latency.profile import measure_network
+from nas.latency.measurer import LOCAL, Measurer, measure_all, network_job
 from nas.latency.protocol import Protocol
 from nas.latency.table import LatencyTable, LatencyTableError
 from nas.space import SearchSpace
@@ -68,21 +68,23 @@ CALIBRATION_SEED = 10**9  # sampling stream of the calibration networks: disjoin
 
 
 def measure_archs(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol, head: HeadConfig | None = None,
-                  progress: bool = True, desc: str = "measuring architectures") -> list[dict]:
+                  progress: bool = True, desc: str = "measuring architectures",
+                  measurer: Measurer = LOCAL) -> list[dict]:
     """Each architecture's backbone (with `head`: the whole detector) predicted by `table` and measured end to end
-    under `protocol`, normalised to the table's machine speed exactly as its entries were; raw figures beside."""
+    under `protocol` on `measurer`'s device, normalised to the table's machine speed exactly as its entries were;
+    raw figures beside."""
     from tqdm import tqdm
 
-    table.check_compatible(protocol)
+    table.check_compatible(protocol, measurer=measurer)
     rows = []
-    for arch in tqdm(archs, desc=desc, disable=not progress, unit="arch"):
-        pred = table.predict(arch, head)
+    preds = [table.predict(arch, head) for arch in archs]  # a missing entry fails before anything is measured
+    measured = measure_all(measurer, (network_job(a, head) for a in archs), protocol)
+    for arch, pred, raw in zip(tqdm(archs, desc=desc, disable=not progress, unit="arch"), preds, measured):
         if head is None:
             cost = arch_cost(arch)
             params, macs = cost.params, cost.macs
         else:
             params, macs = detector_cost(arch, head, arch.resolution)
-        raw = measure_network(arch, protocol, head)
         m = raw.normalised(table.reference_us)
         rows.append({"arch": arch.name, "resolution": arch.resolution, "predicted_us": round(pred.total_us, 1),
                      "sum_us": round(pred.sum_us, 1), "measured_us": round(m.value_us(protocol.statistic), 1),
@@ -94,7 +96,7 @@ def measure_archs(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Prot
 
 
 def calibrate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol | None = None,
-              progress: bool = True) -> float:
+              progress: bool = True, measurer: Measurer = LOCAL) -> float:
     """Fit the table's calibration: scale = median over `archs` of measured / summed latency, stored in the header.
 
     Why: a block timed on its own is not a block inside a network (caches warm from the previous block, a
@@ -102,7 +104,8 @@ def calibrate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol
     than the sum of their blocks, consistently. One scale, from networks the validation never samples
     (`CALIBRATION_SEED`), removes that bias; `nas lut validate` reports the plain sum beside it."""
     protocol = protocol or table.protocol
-    return fit_calibration(table, measure_archs(table, archs, protocol, progress=progress, desc="calibrating"))
+    return fit_calibration(table, measure_archs(table, archs, protocol, progress=progress, desc="calibrating",
+                                                measurer=measurer))
 
 
 def fit_calibration(table: LatencyTable, rows: Sequence[dict]) -> float:
@@ -160,12 +163,12 @@ class ValidationReport:
 
 
 def validate(table: LatencyTable, archs: Sequence[ArchSpec], protocol: Protocol | None = None,
-             progress: bool = True, head: HeadConfig | None = None) -> ValidationReport:
+             progress: bool = True, head: HeadConfig | None = None, measurer: Measurer = LOCAL) -> ValidationReport:
     """Measure each architecture's backbone (with `head`: the whole detector, against backbone + neck+head op)
     end to end under the table's own protocol and compare with the table's predictions, the plain sum of its
     entries and a FLOPs predictor."""
     protocol = protocol or table.protocol
-    rows = measure_archs(table, archs, protocol, head, progress)
+    rows = measure_archs(table, archs, protocol, head, progress, measurer=measurer)
     pred = [r["predicted_us"] for r in rows]
     meas = [r["measured_us"] for r in rows]
     flops_pred = flops_baseline([r["macs"] for r in rows], [r["params"] for r in rows], meas)

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 
 FORMAT = "nas/experiment@1"
 MODES = ("constraint", "mnas", "pareto")
-EVALUATORS = ("proxy", "train")
+EVALUATORS = ("proxy", "train", "supernet")
 SCOPES = ("backbone", "detector")
 
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    kind: str = "proxy"            # proxy | train
+    kind: str = "proxy"            # proxy | train | supernet
     proxy: str = "macs"            # proxy name (kind: proxy); macs ranked short-trained mAP best (BENCHMARKS.md)
     resolution: int = 160          # proxy input resolution
     batch: int = 8
@@ -37,6 +37,9 @@ class EvaluatorConfig:
     train_images: int = 400        # DigitsDet size when generated
     val_images: int = 100
     pruner: str = "hyperband"      # hyperband | successive_halving | median | none (constraint / mnas modes)
+    # weights inherited from a trained supernet (kind: supernet; `nas supernet train` trains it with the fields above)
+    run: str | None = None         # the supernet's run folder; None = <output>/<name>/supernet
+    calib_images: int = 256        # training images a subnet's BatchNorm statistics are recalibrated on
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ def experiment_from_dict(d: Any, source: str = "<experiment>", base: Path | None
     ev = EvaluatorConfig(**ev_kw)
     if ev.data and base is not None and not Path(ev.data).is_absolute():
         ev = replace(ev, data=str(base / ev.data))
+    if ev.run and base is not None and not Path(ev.run).is_absolute():
+        ev = replace(ev, run=os.path.normpath(base / ev.run))
     exp = Experiment(
         name=read(d, "name", str, source, None),
         space=path("space"),
@@ -169,6 +174,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "trials": (1, 10**7), "workers": (1, 256), "num_classes": (1, 10_000), "evaluator.resolution": (32, 4096),
     "evaluator.batch": (1, 4096), "evaluator.epochs": (1, 10_000), "evaluator.imgsz": (32, 4096),
     "evaluator.train_batch": (1, 4096), "evaluator.train_images": (1, 10**7), "evaluator.val_images": (1, 10**7),
+    "evaluator.calib_images": (0, 10**6),
     "heartbeat_s": (1, 86_400), "grace_s": (2, 7 * 86_400),
     "storage_timeout_s": (1, 7 * 86_400),
 }

@@ -1,6 +1,6 @@
 """One trial: sample an architecture, predict its latency from the table (backbone alone, or the whole detector:
 backbone + neck+head op), reject it without evaluation when it is over budget, otherwise score it (zero-cost proxy or
-short training), and store everything export needs."""
+short training or weights inherited from a supernet), and store everything export needs."""
 from __future__ import annotations
 
 import math
@@ -63,6 +63,11 @@ class Objective:
         self.table = LatencyTable.load(exp.table)
         self.table.check_compatible(self.table.protocol, cpu=False)  # the CPU: `search.hosttable` says it once
         self.head = exp.head
+        self.inherited = None
+        if exp.evaluator.kind == "supernet":
+            from nas.search.inherited import SupernetEvaluator
+
+            self.inherited = SupernetEvaluator(exp, self.space)
         if self.head is not None:
             self._check_detector_scope()
 
@@ -104,6 +109,8 @@ class Objective:
             value = score(arch, ev.proxy, resolution=ev.resolution, batch=ev.batch, seed=self.exp.seed,
                           device=self.exp.device)
             return value, {f"proxy_{ev.proxy}": value}
+        if self.inherited is not None:
+            return self.inherited(arch)
         return self.train_score(arch, trial)
 
     def train_score(self, arch: ArchSpec, trial: optuna.Trial) -> tuple[float, dict[str, Any]]:

@@ -104,15 +104,17 @@ def _run_trials(exp, index: int, progress: bool, callbacks: list) -> None:
     optimize_logger = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _QuietSurplus) for f in optimize_logger.filters):
         optimize_logger.addFilter(_QuietSurplus())
-    def opened() -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    def opened() -> tuple[optuna.storages.BaseStorage, optuna.Study, int]:
         storage = make_storage(exp.storage_url(), exp.heartbeat_s, exp.grace_s)
-        return storage, open_study(exp, storage, seed=exp.seed + index)
+        study = open_study(exp, storage, seed=exp.seed + index)
+        return storage, study, counted(study)[0]
 
-    # a worker (re)started while the database server restarts waits for it, as a running one does
-    storage, study = connect(opened, exp.storage_url(), exp.storage_timeout_s)
+    # a worker (re)started while the database server restarts waits for it, as a running one does; every read
+    # before the loop belongs in opened(): the server may go away between two of them (the chaos soak found one)
+    storage, study, done = connect(opened, exp.storage_url(), exp.storage_timeout_s)
     objective = Objective(exp)
     start = time.monotonic()
-    bar = _bar(exp, study, progress and index == 0)
+    bar = _bar(exp, done, progress and index == 0)
     watch = _TrialWatch(bar if progress and index == 0 else None)
     callbacks = [*callbacks, watch]
     wait = _Wait(exp, storage)
@@ -251,10 +253,10 @@ class _TrialWatch:
         self.bar.write("  ".join(p for p in parts if p), file=self.bar.fp)  # stderr: stdout stays for --json
 
 
-def _bar(exp, study, enabled: bool):
+def _bar(exp, done: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=exp.trials, initial=counted(study)[0], desc=f"search {exp.name}", unit="trial",
+    return tqdm(total=exp.trials, initial=done, desc=f"search {exp.name}", unit="trial",
                 disable=not enabled, dynamic_ncols=True)
 
 
