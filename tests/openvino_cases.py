@@ -1,4 +1,4 @@
-"""The openvino-cpu profiling backend (nas.latency.openvino), run by tests/test_openvino.py in a process of its own:
+"""The openvino-cpu profiling backend (nas.latency.openvino), run by tests/test_runtimes.py in a process of its own:
 timings, the header's version, the measured model computing what torch computes, and a table built through the
 command line."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """int8 (issue 18): latency tables of statically quantized ops, their refusal where fp32 is expected, and exports
 of a detector checked against torch and scored through each runtime. OpenVINO runs only in child processes (in the
-suite's own process its native runtime crashed a later test: tests/test_openvino.py)."""
+suite's own process its native runtime crashed a later test: tests/test_runtimes.py)."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""The litert-cpu profiling backend and the LiteRT export (nas.latency.litert, nas.report.deploy): a measured op in
-a table whose header names the runtime, the timed graph delegated to XNNPACK, and a converted detector computing
-what torch computes on real images."""
+"""The litert-cpu profiling backend and the LiteRT export (nas.latency.litert, nas.report.deploy), run by
+tests/test_runtimes.py in a process of its own: a measured op in a table whose header names the runtime, the timed
+graph delegated to XNNPACK, and a converted detector computing what torch computes on real images."""
 from __future__ import annotations
 
 import math
