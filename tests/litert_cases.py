@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DET
+from conftest import DET, hide_package
 
 from nas.arch.blocks import build_block
 from nas.arch.detector import Detector
@@ -93,19 +93,10 @@ def test_converted_tiny_detector_matches_torch_on_real_images(tmp_path) -> None:
 
 
 def test_missing_runtime_says_how_to_install(monkeypatch) -> None:
-    import builtins
-
     from nas.latency.litert import INSTALL_HINT, import_interpreter
     from nas.latency.profile import measure
 
-    real_import = builtins.__import__
-
-    def no_litert(name, *args, **kwargs):
-        if name == "ai_edge_litert" or name.startswith("ai_edge_litert."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_litert)
+    hide_package(monkeypatch, "ai_edge_litert")
     with pytest.raises(NasError) as info:
         import_interpreter()
     assert str(info.value) == INSTALL_HINT and "hwnas-yolo[litert]" in INSTALL_HINT

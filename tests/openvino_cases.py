@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, hide_package
 
 from nas.arch.blocks import build_block
 from nas.arch.spec import BlockSpec
@@ -65,16 +65,7 @@ def test_measured_model_computes_what_torch_computes(tmp_path) -> None:
 
 
 def test_missing_package_says_how_to_install(monkeypatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino" or name.startswith("openvino."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    hide_package(monkeypatch, "openvino")
     with pytest.raises(NasError) as info:
         import_openvino()
     assert str(info.value) == INSTALL_HINT

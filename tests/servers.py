@@ -158,3 +158,19 @@ class redis_server:  # a context manager named like a function
             self.server.proc.kill()
             self.server.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_for_complete(complete, n: int, procs, wait_s: float) -> dict:
+    """complete() (the study's finished trials by number) once it holds `n`; fails the test with the workers' logs
+    when they all exited first or `wait_s` passed. `procs`: (Popen, log path) pairs."""
+    import pytest
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        done = complete()
+        if len(done) >= n:
+            return done
+        if all(p.poll() is not None for p, _ in procs):
+            break
+        time.sleep(0.1)
+    pytest.fail(f"{n} trials never completed:\n" + "\n".join(log.read_text()[-2000:] for _, log in procs))

@@ -37,18 +37,6 @@ def _complete(storage, study: str) -> dict[int, optuna.trial.FrozenTrial]:
     return {t.number: t for t in trials if t.state == TrialState.COMPLETE}
 
 
-def _wait_for(storage, study: str, n: int, procs) -> dict[int, optuna.trial.FrozenTrial]:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        done = _complete(storage, study)
-        if len(done) >= n:
-            return done
-        if all(p.poll() is not None for p, _ in procs):
-            break
-        time.sleep(0.1)
-    pytest.fail(f"{n} trials never completed:\n" + "\n".join(log.read_text()[-2000:] for _, log in procs))
-
-
 def _snapshot(trials: dict[int, optuna.trial.FrozenTrial]) -> dict:
     return {k: (t.params, t.values, t.user_attrs, t.datetime_complete) for k, t in trials.items()}
 
@@ -77,7 +65,8 @@ def test_workers_ride_out_a_postgresql_restart(pg_server, tiny_dir, tiny_table, 
     try:
         kept: dict = {}
         for mode in ("fast", "immediate"):
-            done = _wait_for(reader, "rel", len(kept) + (30 if kept else 10), procs)
+            done = servers.wait_for_complete(lambda: _complete(reader, "rel"), len(kept) + (30 if kept else 10), procs,
+                                             WAIT_S)
             assert len(done) < TRIALS, "the search finished before the outage; raise TRIALS"
             kept.update(_snapshot(done))
             pg_server.stop(mode)

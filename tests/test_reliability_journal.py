@@ -61,18 +61,6 @@ def _complete(storage) -> dict[int, tuple]:
             if t.state == TrialState.COMPLETE}
 
 
-def _wait_for(storage, n: int, procs) -> dict[int, tuple]:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        done = _complete(storage)
-        if len(done) >= n:
-            return done
-        if all(p.poll() is not None for p, _ in procs):
-            break
-        time.sleep(0.1)
-    pytest.fail(f"{n} trials never completed:\n" + "\n".join(log.read_text()[-2000:] for _, log in procs))
-
-
 def _wait_all(procs) -> list[str]:
     deadline = time.monotonic() + WAIT_S
     try:
@@ -105,7 +93,7 @@ def test_workers_and_a_redis_restart(redis, tiny_dir, tiny_table, tmp_path):
     exp = _experiment(tmp_path, tiny_dir, tiny_table, redis.url, trials)
     reader = make_storage(redis.url)
     procs = [_start(exp, i, *(["--storage-timeout", "4"] if i == 3 else [])) for i in range(4)]
-    kept = _wait_for(reader, 15, procs)
+    kept = servers.wait_for_complete(lambda: _complete(reader), 15, procs, WAIT_S)
     assert len(kept) < trials - 20, "the search finished too soon; raise trials"
     redis.stop()
     time.sleep(10)
@@ -144,7 +132,7 @@ def test_a_journal_folder_that_vanishes(tiny_dir, tiny_table, tmp_path):
     exp = _experiment(tmp_path, tiny_dir, tiny_table, url, trials)
     reader = make_storage(url)
     procs = [_start(exp, 0, "--workers", "3")]
-    kept = _wait_for(reader, 15, procs)
+    kept = servers.wait_for_complete(lambda: _complete(reader), 15, procs, WAIT_S)
     assert len(kept) < trials - 20, "the search finished too soon; raise trials"
     shared.rename(tmp_path / "gone")
     start = time.monotonic()
